@@ -1,0 +1,135 @@
+"""The one place that knows the official ONE-PEACE state-dict key names (spec §9.2-9.4).
+
+Each rule pairs an official key pattern with the key of :class:`onepeace.model.OnePeaceModel`. Placeholders:
+``{m}`` modality, ``{i}``/``{j}``/``{c}`` integers, ``{p+1}`` an integer that is one larger in the official name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_FUSION = "encoder_wrapper.fusion_model"
+_LAYER = _FUSION + ".layers.{i}"
+_FFN = _LAYER + ".{m}_ffn"
+
+RULES: tuple[tuple[str, str], ...] = (
+    ("logit_scale", "logit_scale"),
+    ("{m}_proj.{w}", "projections.{m}.{w}"),
+    ("encoder_wrapper.{m}_adapter.rel_pos_table_list.{j}.weight", "adapters.{m}.rel_pos.tables.{j}.weight"),
+    ("encoder_wrapper.{m}_adapter.rel_pos_table.weight", "adapters.{m}.rel_pos.tables.0.weight"),
+    ("encoder_wrapper.{m}_adapter.cls_embedding", "adapters.{m}.cls_token"),
+    ("encoder_wrapper.text_adapter.embed_tokens.weight", "adapters.text.token_embed.weight"),
+    ("encoder_wrapper.text_adapter.embed_positions.weight", "adapters.text.pos_embed.weight"),
+    ("encoder_wrapper.image_adapter.pos_embed", "adapters.image.pos_embed"),
+    ("encoder_wrapper.image_adapter.embed_images.0.{w}", "adapters.image.stem.conv1.{w}"),
+    ("encoder_wrapper.image_adapter.embed_images.1.layer_norm.{w}", "adapters.image.stem.norm1.{w}"),
+    ("encoder_wrapper.image_adapter.embed_images.3.{w}", "adapters.image.stem.conv2.{w}"),
+    ("encoder_wrapper.image_adapter.embed_images.4.layer_norm.{w}", "adapters.image.stem.norm2.{w}"),
+    ("encoder_wrapper.image_adapter.embed_images.6.{w}", "adapters.image.stem.conv3.{w}"),
+    ("encoder_wrapper.audio_adapter.embed_audios.0.conv_layers.{c}.0.weight", "adapters.audio.extractor.{c}.conv.weight"),
+    ("encoder_wrapper.audio_adapter.embed_audios.0.conv_layers.{c}.2.1.{w}", "adapters.audio.extractor.{c}.norm.{w}"),
+    ("encoder_wrapper.audio_adapter.embed_audios.2.{w}", "adapters.audio.feature_norm.{w}"),
+    ("encoder_wrapper.audio_adapter.embed_audios.3.{w}", "adapters.audio.feature_proj.{w}"),
+    ("encoder_wrapper.audio_adapter.embed_positions.{p+1}.0.{w}", "adapters.audio.conv_pos.{p}.conv.{w}"),
+    ("encoder_wrapper.audio_adapter.cls_pos_embed", "adapters.audio.cls_pos"),
+    ("encoder_wrapper.audio_adapter.mask_embedding", "adapters.audio.mask_embedding"),
+    (_LAYER + ".self_attn.{proj}.{w}", "encoder.layers.{i}.attn.{proj}.{w}"),
+    (_LAYER + ".self_attn.ln.{w}", "encoder.layers.{i}.attn.sub_norm.{w}"),
+    (_LAYER + ".self_attn_layer_norm.{w}", "encoder.layers.{i}.attn_norm.{w}"),
+    (_LAYER + ".final_layer_norm.{w}", "encoder.layers.{i}.ffn_norm.{w}"),
+    (_LAYER + ".gamma_1", "encoder.layers.{i}.gamma_attn"),
+    (_LAYER + ".gamma_2", "encoder.layers.{i}.gamma_ffn"),
+    (_FFN + ".0.wi_0.weight", "encoder.layers.{i}.ffn.{m}.gate.weight"),
+    (_FFN + ".0.wi_1.weight", "encoder.layers.{i}.ffn.{m}.linear.weight"),
+    (_FFN + ".2.{w}", "encoder.layers.{i}.ffn.{m}.norm.{w}"),
+    (_FFN + ".3.{w}", "encoder.layers.{i}.ffn.{m}.out.{w}"),
+    (_FUSION + ".{m}_layer_norm.{w}", "encoder.final_norms.{m}.{w}"),
+)
+
+#: Recomputable buffers present in official files; they carry no learned state.
+BUFFER_SUFFIXES: tuple[str, ...] = (".rp_bucket", ".position_idx", ".version")
+
+#: Keys that only the official pretraining model holds (decoder and mask-prediction heads, spec §9.3).
+PRETRAIN_ONLY = re.compile(r"^(decoder_wrapper\.|decoder_(text|image|audio)_embed\.|(text|image|audio)_mask_(token|head))")
+
+_PLACEHOLDER = {
+    "m": r"(?P<m>text|image|audio)",
+    "w": r"(?P<w>weight|bias)",
+    "proj": r"(?P<proj>q_proj|k_proj|v_proj|out_proj)",
+}
+
+
+def _compile(pattern: str) -> tuple[re.Pattern[str], frozenset[str]]:
+    """Regex for a key pattern, and the names of its ``{x+1}`` placeholders."""
+    parts = re.split(r"(\{[a-z]+(?:\+1)?\})", pattern)
+    out, shifted = [], set()
+    for part in parts:
+        if part.startswith("{"):
+            name = part[1:-1].removesuffix("+1")
+            if part.endswith("+1}"):
+                shifted.add(name)
+            out.append(_PLACEHOLDER.get(name, rf"(?P<{name}>\d+)"))
+        else:
+            out.append(re.escape(part))
+    return re.compile("^" + "".join(out) + "$"), frozenset(shifted)
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    def sub(match: re.Match[str]) -> str:
+        value = values[match.group(1)]
+        return str(int(value) + 1) if match.group(2) else value
+
+    return re.sub(r"\{([a-z]+)(\+1)?\}", sub, template)
+
+
+def _rules(pairs: list[tuple[str, str]]) -> list[tuple[re.Pattern[str], frozenset[str], str]]:
+    return [(*_compile(src), dst) for src, dst in pairs]
+
+
+_TO_OURS = _rules([(src, dst) for src, dst in RULES])
+_TO_OFFICIAL = _rules([(dst, src) for src, dst in RULES])
+
+
+def to_ours(key: str) -> str | None:
+    """Our key for an official key, or None when no rule matches."""
+    return _translate(key, _TO_OURS)
+
+
+def to_official(key: str) -> str | None:
+    """The official key for one of ours, or None when no rule matches."""
+    return _translate(key, _TO_OFFICIAL)
+
+
+def _translate(key: str, rules: list[tuple[re.Pattern[str], frozenset[str], str]]) -> str | None:
+    for regex, shifted, template in rules:
+        match = regex.match(key)
+        if match:
+            values = {k: (str(int(v) - 1) if k in shifted else v) for k, v in match.groupdict().items()}
+            return _fill(template, values)
+    return None
+
+
+@dataclass
+class KeyReport:
+    """How an official state dict's keys were sorted."""
+
+    mapped: dict[str, str] = field(default_factory=dict)
+    buffers: list[str] = field(default_factory=list)
+    pretrain_only: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+
+
+def sort_keys(keys: list[str]) -> KeyReport:
+    """Map each official key to ours, or file it as a buffer, a pretraining-only key or an unknown key."""
+    report = KeyReport()
+    for key in keys:
+        if key.endswith(BUFFER_SUFFIXES):
+            report.buffers.append(key)
+        elif PRETRAIN_ONLY.match(key):
+            report.pretrain_only.append(key)
+        elif (ours := to_ours(key)) is not None:
+            report.mapped[key] = ours
+        else:
+            report.unknown.append(key)
+    return report

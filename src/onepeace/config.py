@@ -1,0 +1,163 @@
+"""Typed model configuration. Named variants live in :mod:`onepeace.variants`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from onepeace.modality import Modality
+
+
+@dataclass(frozen=True)
+class TextAdapterConfig:
+    """Language adapter (spec §2.3)."""
+
+    vocab_size: int = 50264
+    """Rows of the token table (GPT-2 BPE through the fairseq dictionary)."""
+    pad_id: int = 1
+    """Padding token id; its embedding row is zero."""
+    max_positions: int = 514
+    """Rows of the absolute position table (position 0 is the cls slot)."""
+    bucket_size: int = 256
+    """1-D relative-position buckets; the table has ``2 * bucket_size + 2`` rows."""
+    max_rel_positions: int = 1024
+    """Positions covered by the precomputed relative-position index."""
+
+
+@dataclass(frozen=True)
+class ImageAdapterConfig:
+    """Vision adapter (spec §2.1)."""
+
+    image_size: int = 256
+    """Side of the square input image in pixels; the patch grid side is ``image_size // 16``."""
+    pos_grid: int = 16
+    """Side of the stored absolute-position grid (resized bicubically when the image grid differs)."""
+
+    @property
+    def patch_size(self) -> int:
+        return 16
+
+    @property
+    def grid(self) -> int:
+        """Side of the patch grid, which is also the side of the 2-D relative-position grid."""
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class AudioAdapterConfig:
+    """Audio adapter (spec §2.2)."""
+
+    feature_layers: tuple[tuple[int, int, int], ...] = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
+    """Conv feature extractor blocks as (channels, kernel, stride)."""
+    conv_pos_depth: int = 5
+    """Blocks of the convolutional positional embedding."""
+    conv_pos_width: int = 95
+    """Total receptive width; each block's kernel is ``max(3, width // depth)``."""
+    conv_pos_groups: int = 16
+    """Groups of each positional convolution."""
+    bucket_size: int = 512
+    """1-D relative-position buckets; the table has ``2 * bucket_size + 2`` rows."""
+    max_rel_positions: int = 1024
+    """Positions covered by the precomputed relative-position index (cls + frames)."""
+    sample_rate: int = 16000
+    """Expected waveform sample rate."""
+    max_duration: float = 15.0
+    """Seconds of audio kept by preprocessing (the rest is cut)."""
+
+    @property
+    def conv_pos_kernel(self) -> int:
+        return max(3, self.conv_pos_width // self.conv_pos_depth)
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames the feature extractor produces for ``num_samples`` samples (no padding)."""
+        length = num_samples
+        for _, kernel, stride in self.feature_layers:
+            length = (length - kernel) // stride + 1
+        return max(length, 0)
+
+
+@dataclass(frozen=True)
+class OnePeaceConfig:
+    """The whole model: adapters, fusion encoder and embedding heads (spec §1-4)."""
+
+    embed_dim: int = 1536
+    """Width D of the fusion encoder."""
+    layers: int = 40
+    """Fusion layers."""
+    heads: int = 24
+    """Attention heads (head dim = embed_dim / heads)."""
+    ffn_dim: int = 6144
+    """Inner width of each GeGLU FFN."""
+    layer_scale_init: float = 1e-6
+    """Initial LayerScale value (0 disables LayerScale)."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth at the last layer, linearly increasing from 0 at the first."""
+    per_layer_rel_pos: bool = False
+    """One relative-position table per layer (fine-tuning) instead of one shared table per modality."""
+    modalities: tuple[Modality, ...] = (Modality.TEXT, Modality.IMAGE, Modality.AUDIO)
+    """Branches that are built."""
+    text: TextAdapterConfig = field(default_factory=TextAdapterConfig)
+    image: ImageAdapterConfig = field(default_factory=ImageAdapterConfig)
+    audio: AudioAdapterConfig = field(default_factory=AudioAdapterConfig)
+    max_text_tokens: int = 70
+    """BPE tokens kept by the tokenizer before the eos token."""
+    logit_scale_init: float = 2.6592600369262695
+    """Initial contrastive logit scale, ln(1/0.07)."""
+
+    def __post_init__(self) -> None:
+        if self.embed_dim % self.heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by heads {self.heads}")
+        mods = tuple(Modality.parse(m) for m in self.modalities)
+        if not mods:
+            raise ValueError("a model needs at least one modality")
+        object.__setattr__(self, "modalities", mods)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.heads
+
+    @property
+    def num_rel_pos_tables(self) -> int:
+        return self.layers if self.per_layer_rel_pos else 1
+
+    def replace(self, **changes: Any) -> OnePeaceConfig:
+        """Return a copy with top-level fields changed (``image_size`` changes the image adapter)."""
+        if "image_size" in changes:
+            size = int(changes.pop("image_size"))
+            if size <= 0 or size % 16:
+                raise ValueError(f"image_size must be a positive multiple of 16, got {size}")
+            changes["image"] = dataclasses.replace(self.image, image_size=size)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (inverse of :meth:`from_dict`)."""
+        out = dataclasses.asdict(self)
+        out["modalities"] = [m.value for m in self.modalities]
+        out["audio"]["feature_layers"] = [list(t) for t in self.audio.feature_layers]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OnePeaceConfig:
+        """Build from :meth:`to_dict` output; unknown keys raise ``ValueError`` naming them."""
+        data = dict(data)
+        sub = {"text": TextAdapterConfig, "image": ImageAdapterConfig, "audio": AudioAdapterConfig}
+        for name, klass in sub.items():
+            if name in data:
+                data[name] = _strict(klass, data[name], f"config.{name}")
+        if "audio" in data and isinstance(data["audio"].feature_layers, list):
+            layers = tuple(tuple(int(v) for v in t) for t in data["audio"].feature_layers)
+            data["audio"] = dataclasses.replace(data["audio"], feature_layers=layers)
+        if "modalities" in data:
+            data["modalities"] = tuple(Modality.parse(m) for m in data["modalities"])
+        return _strict(cls, data, "config")
+
+
+def _strict(klass: type, values: Any, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(klass)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) in {where}: {', '.join(unknown)}")
+    return klass(**values)

@@ -1,0 +1,211 @@
+"""Audio loading and the official audio preprocessing (spec §2.2 items 7-8, §6.3, §7).
+
+Per clip: read as float32, average the channels, resample to 16 kHz with soxr "HQ" (librosa's default ``soxr_hq``,
+used by the official API) -> standardise over the whole clip (layer norm without affine, eps 1e-5) -> keep the
+first ``max_duration`` seconds -> tile clips shorter than 1 s and cut them to exactly 1 s. A batch is right-padded
+with 0.0; its padding mask (True = pad) has ``T_i + 1`` False entries per clip (cls + frames), computed from the
+clip length, not from the waveform values.
+
+``soundfile`` and ``soxr`` are optional dependencies (``pip install 'onepeace[audio]'``), imported on first use.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from onepeace.config import AudioAdapterConfig
+from onepeace.errors import InputError, require
+
+AudioInput = str | os.PathLike | bytes | np.ndarray | torch.Tensor
+
+STANDARDIZE_EPS = 1e-5
+
+
+def _check_rate(rate: Any, what: str) -> float:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{what} must be a number, got {type(rate).__name__}")
+    if not math.isfinite(rate) or rate <= 0:
+        raise InputError(f"{what} must be a positive number of samples per second, got {rate}")
+    return rate
+
+
+def _read_encoded(source: Any, name: str) -> tuple[np.ndarray, float]:
+    """Decode a file or file-like object with soundfile: (``[N]`` or ``[N, C]`` float32, sample rate)."""
+    soundfile = require("soundfile", "audio")
+    try:
+        data, rate = soundfile.read(source, dtype="float32", always_2d=False)
+    except Exception as exc:  # libsndfile reports unreadable data with several exception types
+        raise InputError(f"{name}: cannot decode audio (unreadable file or unsupported format: {exc})") from exc
+    return data, rate
+
+
+def _from_array(src: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    """User array -> float32 ``[N]`` or channels-last ``[N, C]``."""
+    if isinstance(src, torch.Tensor):
+        src = src.detach().cpu()
+        if src.is_floating_point() and src.dtype != torch.float64:
+            src = src.float()  # numpy has no bfloat16
+        src = src.numpy()
+    if not np.issubdtype(src.dtype, np.floating):
+        raise InputError(f"{name}: audio samples must be floating point (e.g. float32 in [-1, 1]), got {src.dtype}")
+    if src.ndim == 2 and src.shape[1] > src.shape[0]:
+        raise InputError(
+            f"{name}: 2-D audio must be channels-last [num_samples, channels], got shape {tuple(src.shape)} "
+            "which looks channels-first; transpose it"
+        )
+    return np.asarray(src, dtype=np.float32)
+
+
+def _to_mono(data: np.ndarray, name: str) -> np.ndarray:
+    """``[N]`` or channels-last ``[N, C]`` -> float32 ``[N]`` (mean over channels); checks size and values."""
+    if data.ndim == 2:
+        if data.shape[1] == 0:
+            raise InputError(f"{name}: audio has no channels")
+        # librosa averages its [C, N] view (soundfile's [N, C] transposed) over axis 0; do the same
+        data = data.T.mean(axis=0, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    elif data.ndim != 1:
+        raise InputError(
+            f"{name}: audio must be 1-D [num_samples] or 2-D [num_samples, channels], got shape {tuple(data.shape)}"
+        )
+    if data.shape[0] == 0:
+        raise InputError(f"{name}: audio clip is empty (0 samples)")
+    if not np.isfinite(data).all():
+        raise InputError(f"{name}: audio contains NaN or infinite samples")
+    return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def _resample(wave: np.ndarray, rate: float, target_rate: float) -> np.ndarray:
+    """soxr HQ resampling, length fixed to ``ceil(N * target / rate)`` as librosa does (zero-pad or cut)."""
+    soxr = require("soxr", "audio")
+    out = soxr.resample(wave, rate, target_rate, quality="HQ").astype(np.float32, copy=False)
+    length = int(np.ceil(wave.shape[0] * (float(target_rate) / rate)))
+    if out.shape[0] > length:
+        return out[:length]
+    return np.pad(out, (0, length - out.shape[0])) if out.shape[0] < length else out
+
+
+def load_audio(
+    src: AudioInput, sample_rate: float | None = None, target_rate: float = 16000, name: str | None = None
+) -> np.ndarray:
+    """Load one clip as a mono float32 waveform ``[N]`` at ``target_rate``.
+
+    Accepted: a file path (``str`` / ``os.PathLike``; anything soundfile reads: wav, flac, ogg, ...), encoded file
+    ``bytes``, or a float numpy array / tensor, either 1-D ``[N]`` or 2-D **channels-last** ``[N, C]`` (the layout
+    soundfile returns). ``sample_rate`` is the rate of an array input (``None`` = already at ``target_rate``); files
+    and bytes carry their own rate and ignore it. Channels are averaged, then the clip is resampled with soxr HQ if
+    its rate differs from ``target_rate``. ``name`` labels error messages.
+
+    Raises :class:`InputError` (message names the input and the problem) or :class:`TypeError` for bad types.
+    """
+    target_rate = _check_rate(target_rate, "target_rate")
+    if isinstance(src, (str, os.PathLike)):
+        path = os.fspath(src)
+        label = f"{name} ({path!r})" if name else f"audio {path!r}"
+        if not Path(path).exists():
+            raise InputError(f"{label}: audio file not found")
+        if not Path(path).is_file():
+            raise InputError(f"{label}: not a file")
+        data, rate = _read_encoded(path, label)
+    elif isinstance(src, (bytes, bytearray, memoryview)):
+        label = name or "audio"
+        if len(src) == 0:
+            raise InputError(f"{label}: audio bytes are empty")
+        data, rate = _read_encoded(io.BytesIO(bytes(src)), label)
+    elif isinstance(src, (np.ndarray, torch.Tensor)):
+        label = name or "audio"
+        rate = target_rate if sample_rate is None else _check_rate(sample_rate, f"{label}: sample_rate")
+        data = _from_array(src, label)
+    else:
+        raise TypeError(
+            f"{name or 'audio'}: unsupported audio type {type(src).__name__}; "
+            "expected a path, bytes, numpy array or torch tensor"
+        )
+    wave = _to_mono(data, label)
+    return _resample(wave, rate, target_rate) if rate != target_rate else wave
+
+
+def prepare_waveform(x: np.ndarray, cfg: AudioAdapterConfig, name: str = "waveform") -> np.ndarray:
+    """Official per-clip preparation of a mono ``cfg.sample_rate`` waveform ``[N]`` -> float32 ``[N']``.
+
+    Order (checked against the official fixture): standardise over the whole clip (zero mean, biased variance,
+    eps 1e-5, ``torch.nn.functional.layer_norm`` in float32), then keep the first ``cfg.max_duration`` seconds,
+    then tile a clip shorter than 1 s and cut it to exactly ``cfg.sample_rate`` samples. A silent clip gives zeros.
+    """
+    arr = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x)
+    if arr.ndim != 1:
+        raise InputError(f"{name}: expected a 1-D waveform [num_samples], got shape {tuple(arr.shape)}")
+    wave = _to_mono(arr, name)
+    feats = torch.from_numpy(wave.copy())
+    feats = F.layer_norm(feats, feats.shape, eps=STANDARDIZE_EPS)
+    max_len = int(cfg.max_duration * cfg.sample_rate)
+    if feats.shape[0] > max_len:
+        feats = feats[:max_len]
+    one_second = int(cfg.sample_rate)
+    if feats.shape[0] < one_second:
+        feats = feats.repeat(math.ceil(one_second / feats.shape[0]))[:one_second]
+    return feats.numpy()
+
+
+def collate_audio(
+    waves: Sequence[np.ndarray], cfg: AudioAdapterConfig
+) -> tuple[torch.FloatTensor, torch.BoolTensor]:
+    """Batch prepared waveforms: ``(waveform [B, N_max] float32, padding_mask [B, T_max + 1] bool)``.
+
+    Waveforms are right-padded with 0.0. Row ``i`` of the mask (True = pad) starts with ``T_i + 1`` False entries
+    (cls + ``T_i = cfg.num_frames(len_i)`` frames) and is right-padded with True.
+    """
+    arrays = [np.asarray(w.detach().cpu() if isinstance(w, torch.Tensor) else w) for w in waves]
+    if not arrays:
+        raise InputError("no audio clips to collate: give at least one")
+    frames = []
+    for i, arr in enumerate(arrays):
+        if arr.ndim != 1:
+            raise InputError(f"audio {i}: expected a 1-D waveform [num_samples], got shape {tuple(arr.shape)}")
+        num = cfg.num_frames(arr.shape[0])
+        if num < 1:
+            raise InputError(f"audio {i}: {arr.shape[0]} samples is too short for one feature frame")
+        if num + 1 > cfg.max_rel_positions:
+            raise InputError(
+                f"audio {i}: {arr.shape[0]} samples give {num} frames, more than the model's "
+                f"{cfg.max_rel_positions - 1}; shorten the clip"
+            )
+        frames.append(num)
+    waveform = torch.zeros(len(arrays), max(a.shape[0] for a in arrays), dtype=torch.float32)
+    padding_mask = torch.ones(len(arrays), max(frames) + 1, dtype=torch.bool)
+    for i, (arr, num) in enumerate(zip(arrays, frames, strict=True)):
+        waveform[i, : arr.shape[0]] = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+        padding_mask[i, : num + 1] = False
+    return waveform, padding_mask
+
+
+def preprocess_audio(
+    clips: Sequence[AudioInput], cfg: AudioAdapterConfig | None = None, sample_rate: float | None = None
+) -> tuple[torch.FloatTensor, torch.BoolTensor]:
+    """Official API audio preprocessing of a batch: ``(waveform [B, N_max], padding_mask [B, T_max + 1])``.
+
+    :func:`load_audio` (at ``cfg.sample_rate``; ``sample_rate`` applies to array inputs) -> :func:`prepare_waveform`
+    -> :func:`collate_audio`. Errors name the failing clip (its path, or ``audio i``).
+    """
+    cfg = AudioAdapterConfig() if cfg is None else cfg
+    if isinstance(clips, (str, os.PathLike, bytes, bytearray)):
+        raise TypeError(f"clips must be a sequence of clips (e.g. a list), got a single {type(clips).__name__}")
+    if isinstance(clips, (np.ndarray, torch.Tensor)) and clips.ndim < 2:
+        raise TypeError("clips must be a sequence of clips; wrap a single waveform in a list")
+    items = list(clips)
+    if not items:
+        raise InputError("clips is empty: give at least one audio clip")
+    waves = []
+    for i, clip in enumerate(items):
+        label = f"audio {i}"
+        wave = load_audio(clip, sample_rate=sample_rate, target_rate=cfg.sample_rate, name=label)
+        waves.append(prepare_waveform(wave, cfg, name=label))
+    return collate_audio(waves, cfg)
