@@ -57,7 +57,10 @@ def test_vocabulary_and_specials(tok: Tokenizer) -> None:
     assert tok.vocab_size == VECTORS["vocab_size"] == 50264
     specials = VECTORS["special_ids"]
     assert (tok.bos_id, tok.pad_id, tok.eos_id, tok.unk_id) == (
-        specials["bos"], specials["pad"], specials["eos"], specials["unk"]
+        specials["bos"],
+        specials["pad"],
+        specials["eos"],
+        specials["unk"],
     )
     assert [tok.symbol(i) for i in range(4)] == ["<s>", "<pad>", "</s>", "<unk>"]
     assert tok.symbol(50263) == "madeupword0002"
@@ -76,7 +79,7 @@ def test_word_start_flags(tok: Tokenizer) -> None:
     ids = tok.encode("the dog is wagging its tail")
     assert tok.is_word_start(ids) == [True, True, True, True, False, True, True, True]
     assert tok.decode(ids[3:5]) == "wagging"
-    # specials and madeupword entries count as word starts; 50260 is GPT-2 id 50256 ("<|endoftext|>", no space)
+    # specials and madeupwords count as word starts; 50260 is GPT-2 id 50256 ("<|endoftext|>", no space)
     assert tok.is_word_start([0, 1, 2, 3, 50261, 50262, 50263]) == [True] * 7
     assert tok.is_word_start([50260]) == [False]
     table = tok.word_start_table

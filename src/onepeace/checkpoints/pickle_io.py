@@ -1,29 +1,192 @@
 """Reading official fairseq ``.pt`` checkpoints (and ``.safetensors`` files) without running pickled code.
 
-An official checkpoint is a ``torch.save`` archive of a dict (``args``, ``cfg``, ``model``, ...). It is read with
-``torch.load(weights_only=True, mmap=True)`` first. If that refuses a global (real fairseq files may keep
-``argparse.Namespace``, omegaconf containers, enum members or paths in ``cfg`` / ``args``), it is read again with a
-restricted unpickler (:mod:`onepeace.checkpoints.restricted`): tensors are rebuilt, configuration objects become
-inert stand-ins converted to plain data, and any other global is refused before it can run. Every failure raises
+An official checkpoint is a ``torch.save`` archive of a dict (``args``, ``cfg``, ``model``, ...). It is read
+with ``torch.load(weights_only=True, mmap=True)`` first. If that refuses a global (real fairseq files may keep
+``argparse.Namespace``, omegaconf containers, enum members or paths in ``cfg`` / ``args``), it is read again
+with a restricted unpickler: tensors are rebuilt, configuration objects become inert stand-ins converted to
+plain data, and any other global is refused before it can run. Every failure raises
 :class:`~onepeace.errors.CheckpointError` naming the file (a missing file included).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import pickle
 import struct
+import types
 import zipfile
 from collections.abc import Mapping
-from pathlib import Path
+from functools import lru_cache
+from pathlib import Path, PurePath
 from typing import Any
 
 import torch
 
-from onepeace.checkpoints.restricted import restricted_pickle_module, to_plain
 from onepeace.errors import CheckpointError
 
 _MAX_LISTED = 20
+
+# Globals resolved to the real object: tensor rebuilding and plain data types, nothing that runs other code.
+_REAL_GLOBALS: dict[str, frozenset[str]] = {
+    "torch._utils": frozenset(
+        {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"}
+    ),
+    "torch._tensor": frozenset({"_rebuild_from_type_v2"}),
+    "torch": frozenset({"Size", "Tensor", "device"}),
+    "torch.nn.parameter": frozenset({"Parameter"}),
+    "collections": frozenset({"OrderedDict", "defaultdict", "deque", "Counter"}),
+    "builtins": frozenset(
+        {"set", "frozenset", "complex", "slice", "bytearray", "bytes", "object"}
+        | {"list", "dict", "tuple", "int", "float", "str", "bool"}
+    ),
+    "_codecs": frozenset({"encode"}),
+    "copyreg": frozenset({"_reconstructor"}),
+    "numpy": frozenset({"ndarray", "dtype"}),
+    "numpy.core.multiarray": frozenset({"_reconstruct", "scalar"}),
+    "numpy._core.multiarray": frozenset({"_reconstruct", "scalar"}),
+}
+# Modules whose objects (configuration containers, enum members, paths, type hints) become inert stand-ins.
+_STAND_IN_ROOTS = frozenset(
+    {"argparse", "omegaconf", "enum", "pathlib", "fairseq", "one_peace", "typing", "collections"}
+)
+_MODULE_RENAMES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
+class _StandIn:
+    """Inert placeholder for an object of an allowlisted configuration module; it only records its data."""
+
+    _origin = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _StandIn:
+        obj = object.__new__(cls)
+        obj.__dict__.update(_args=args, _kwargs=kwargs, _state=None, _items={}, _list=[])
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["_state"] = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._items[key] = value
+
+    def append(self, value: Any) -> None:
+        self._list.append(value)
+
+    def extend(self, values: Any) -> None:
+        self._list.extend(values)
+
+    def __repr__(self) -> str:
+        return f"<stand-in for {self._origin}>"
+
+
+def _type_of(*args: Any) -> type:
+    if len(args) != 1:
+        raise CheckpointError("its pickle calls builtins.type to create a class, which could run code")
+    return type(args[0])
+
+
+def _subscript(target: Any, item: Any) -> Any:
+    stand_in = target if isinstance(target, type) else type(target)
+    if not issubclass(stand_in, _StandIn):
+        raise CheckpointError(
+            f"its pickle calls operator.getitem on a {type(target).__name__}, which is not allowed"
+        )
+    return stand_in(item)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only allowlisted globals and refuses every other one before anything runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stand_ins: dict[str, type] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        module = _MODULE_RENAMES.get(module, module)
+        if name in _REAL_GLOBALS.get(module, ()):
+            return getattr(importlib.import_module(module), name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) == ("builtins", "type"):
+            return _type_of
+        if (module, name) == ("operator", "getitem"):
+            return _subscript
+        if module.split(".")[0] in _STAND_IN_ROOTS:
+            origin = f"{module}.{name}"
+            if origin not in self._stand_ins:
+                self._stand_ins[origin] = type(name, (_StandIn,), {"_origin": origin, "__module__": module})
+            return self._stand_ins[origin]
+        raise CheckpointError(f"its pickle references {module}.{name}, which could run code")
+
+
+def _restricted_load_obj(file: Any, **kwargs: Any) -> Any:
+    return _RestrictedUnpickler(file, **kwargs).load()
+
+
+@lru_cache(maxsize=1)
+def _restricted_pickle_module() -> types.ModuleType:
+    """A ``pickle``-like module for ``torch.load(pickle_module=...)`` built on the restricted unpickler."""
+    module = types.ModuleType("onepeace_restricted_pickle")
+    module.Unpickler = _RestrictedUnpickler
+    module.load = _restricted_load_obj
+    return module
+
+
+def _plain_stand_in(obj: _StandIn, active: set[int]) -> Any:
+    state, args = obj._state, obj._args
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+        state = {**(state[0] or {}), **state[1]}
+    if obj._origin.startswith("omegaconf.") and isinstance(state, dict):
+        if "_content" in state:
+            return _plain(state["_content"], active)
+        if "_val" in state:
+            return _plain(state["_val"], active)
+    if obj._origin.startswith("pathlib.") and args and all(isinstance(a, str) for a in args):
+        return str(PurePath(*args))
+    if isinstance(state, dict):
+        return {str(k): _plain(v, active) for k, v in state.items()}
+    if obj._items:
+        return {_plain(k, active): _plain(v, active) for k, v in obj._items.items()}
+    if obj._list:
+        return [_plain(v, active) for v in obj._list]
+    if len(args) == 1:
+        return _plain(args[0], active)
+    return [_plain(a, active) for a in args] if args else {}
+
+
+def _plain(obj: Any, active: set[int]) -> Any:
+    if obj is None or isinstance(obj, (str, bytes, bool, int, float, complex, torch.Tensor)):
+        return obj
+    if isinstance(obj, type):
+        return obj._origin if issubclass(obj, _StandIn) else obj.__name__
+    if id(obj) in active:
+        return None  # reference cycle
+    active.add(id(obj))
+    try:
+        if isinstance(obj, _StandIn):
+            return _plain_stand_in(obj, active)
+        if isinstance(obj, Mapping):
+            out = {}
+            for key, value in obj.items():
+                key = _plain(key, active)
+                out[key if isinstance(key, (str, int, float, bool, type(None))) else repr(key)] = _plain(
+                    value, active
+                )
+            return out
+        if isinstance(obj, (list, tuple, set, frozenset)) or type(obj).__name__ == "deque":
+            items = [_plain(v, active) for v in obj]
+            return tuple(items) if isinstance(obj, tuple) else items
+        return obj
+    finally:
+        active.discard(id(obj))
+
+
+def to_plain(obj: Any) -> Any:
+    """Turn loaded configuration data (stand-ins included) into plain dicts, lists and scalars."""
+    return _plain(obj, set())
 
 
 def _listing(names: list[str]) -> str:
@@ -59,10 +222,16 @@ def _restricted_load(path: Path, is_zip: bool) -> Any:
     if is_zip:
         with zipfile.ZipFile(path) as archive:
             if any(name.endswith("constants.pkl") for name in archive.namelist()):
-                raise CheckpointError(f"refusing to load {path}: it is a TorchScript archive, not a checkpoint")
+                raise CheckpointError(
+                    f"refusing to load {path}: it is a TorchScript archive, not a checkpoint"
+                )
     try:
         return torch.load(
-            str(path), map_location="cpu", weights_only=False, mmap=is_zip, pickle_module=restricted_pickle_module()
+            str(path),
+            map_location="cpu",
+            weights_only=False,
+            mmap=is_zip,
+            pickle_module=_restricted_pickle_module(),
         )
     except CheckpointError as exc:
         raise CheckpointError(f"refusing to load {path}: {exc}") from None
@@ -89,23 +258,27 @@ def _state_dict_from(payload: Any, path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a fairseq checkpoint dict")
     if "model" not in payload:
         keys = [str(k) for k in payload.keys()]
-        raise CheckpointError(f"{path} has no 'model' entry; top-level keys found: {_listing(keys) or 'none'}")
+        raise CheckpointError(
+            f"{path} has no 'model' entry; top-level keys found: {_listing(keys) or 'none'}"
+        )
     model = payload["model"]
     if not isinstance(model, Mapping):
         raise CheckpointError(f"the 'model' entry of {path} is a {type(model).__name__}, not a state dict")
     bad = [str(k) for k, v in model.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if bad:
-        raise CheckpointError(f"the 'model' entry of {path} is not a dict of tensors; offending keys: {_listing(bad)}")
+        raise CheckpointError(
+            f"the 'model' entry of {path} is not a dict of tensors; offending keys: {_listing(bad)}"
+        )
     return dict(model)
 
 
 def read_official_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Read an official fairseq checkpoint without importing fairseq or executing pickled code.
 
-    Returns ``(state_dict, cfg)``: the ``model`` entry (tensor name -> tensor, memory-mapped for zip archives) and
-    the ``cfg`` entry converted to plain dicts / lists / scalars (``{}`` when absent or ``None``).
-    Raises :class:`CheckpointError` naming the file when it is missing, truncated, not a checkpoint, a safetensors
-    file, has no ``model`` dict of tensors, or references a global outside the allowlists.
+    Returns ``(state_dict, cfg)``: the ``model`` entry (tensor name -> tensor, memory-mapped for zip
+    archives) and the ``cfg`` entry converted to plain dicts / lists / scalars (``{}`` if absent or ``None``).
+    Raises :class:`CheckpointError` naming the file when it is missing, truncated, not a checkpoint, a
+    safetensors file, has no ``model`` dict of tensors, or references a global outside the allowlists.
     """
     path = Path(path)
     kind = _check_file(path)
@@ -114,7 +287,9 @@ def read_official_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
             f"{path} is a safetensors file, not a fairseq .pt checkpoint; read it with load_state_dict_file"
         )
     if kind in ("empty", "unknown"):
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({kind} content, not a zip archive or pickle)")
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint ({kind} content, not a zip archive or pickle)"
+        )
     payload = _torch_load(path, kind)
     state_dict = _state_dict_from(payload, path)
     cfg = to_plain(payload.get("cfg"))

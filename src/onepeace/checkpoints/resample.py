@@ -1,7 +1,7 @@
 """Position tables and index matrices of the modality adapters, and their resampling to a new image grid.
 
-* :func:`resample_rel_pos_table_2d` reproduces the official load-time upgrade of an image relative-position table
-  (BEiT-style geometric-sequence interpolation with a per-head bicubic interpolating spline).
+* :func:`resample_rel_pos_table_2d` reproduces the official load-time upgrade of an image relative-position
+  table (BEiT-style geometric-sequence interpolation with a per-head bicubic interpolating spline).
 * :func:`resize_abs_pos_2d` reproduces the on-the-fly bicubic resize of the absolute image position table.
 * :func:`image_rel_pos_index` and :func:`text_audio_rel_pos_index` rebuild the ``rp_bucket`` index buffers.
 
@@ -25,10 +25,10 @@ _Q_LOW, _Q_HIGH, _Q_TOL = 1.01, 1.5, 1e-6
 def geometric_offsets(src_side: int, dst_side: int) -> tuple[np.ndarray, np.ndarray]:
     """Source and target coordinates of the geometric-sequence interpolation (one axis).
 
-    ``src_side`` / ``dst_side`` are the side lengths of the offset grids (``2R - 1``). With ``n = src_side // 2``
-    and ``t = dst_side // 2``, the ratio ``q`` is bisected on [1.01, 1.5] so that ``1 + q + ... + q^(n-1)``
-    matches ``t``; the source samples sit at ``[-d_n .. -d_1, 0, d_1 .. d_n]`` with ``d_1 = 1`` and
-    ``d_{i+1} = d_i + q^i``.
+    ``src_side`` / ``dst_side`` are the side lengths of the offset grids (``2R - 1``). With
+    ``n = src_side // 2`` and ``t = dst_side // 2``, the ratio ``q`` is bisected on [1.01, 1.5] so that
+    ``1 + q + ... + q^(n-1)`` matches ``t``; the source samples sit at ``[-d_n .. -d_1, 0, d_1 .. d_n]``
+    with ``d_1 = 1`` and ``d_{i+1} = d_i + q^i``.
 
     Returns ``(source, target)``: float64 arrays of shapes ``[2n + 1]`` (increasing) and ``[2t + 1]``
     (the integers ``-t .. t``).
@@ -55,7 +55,7 @@ def geometric_offsets(src_side: int, dst_side: int) -> tuple[np.ndarray, np.ndar
 
 
 def _polynomial_matrix(x: np.ndarray, e: np.ndarray) -> np.ndarray:
-    """Lagrange basis of the interpolating polynomial through ``x`` (degree ``len(x) - 1``) at points ``e``."""
+    """Lagrange basis [len(e), len(x)] of the polynomial of degree ``len(x) - 1`` interpolating at ``x``."""
     out = np.ones((e.size, x.size), dtype=np.float64)
     for k in range(x.size):
         for m in range(x.size):
@@ -82,11 +82,11 @@ def _not_a_knot_moments(x: np.ndarray) -> np.ndarray:
 def cubic_spline_matrix(x: np.ndarray, e: np.ndarray) -> np.ndarray:
     """Interpolation matrix ``M`` [len(e), len(x)] of the not-a-knot cubic spline through samples at ``x``.
 
-    ``M @ y`` evaluates at ``e`` the cubic spline interpolating ``(x, y)`` with not-a-knot end conditions, which
-    is the function an interpolating (s = 0) cubic B-spline fit (FITPACK) builds. Points outside ``[x[0], x[-1]]``
-    are clamped to the boundary, as FITPACK evaluation does. ``x`` must be strictly increasing. With fewer than 4
-    samples the spline degenerates to the interpolating polynomial of degree ``len(x) - 1`` (constant, line,
-    parabola), as a not-a-knot spline does.
+    ``M @ y`` evaluates at ``e`` the cubic spline interpolating ``(x, y)`` with not-a-knot end conditions,
+    which is the function an interpolating (s = 0) cubic B-spline fit (FITPACK) builds. Points outside
+    ``[x[0], x[-1]]`` are clamped to the boundary, as FITPACK evaluation does. ``x`` must be strictly
+    increasing. With 4 samples or fewer the spline is the interpolating polynomial of degree ``len(x) - 1``
+    (cubic, parabola, line, constant), as a not-a-knot spline is.
     """
     x = np.asarray(x, dtype=np.float64)
     e = np.clip(np.asarray(e, dtype=np.float64), x[0], x[-1])
@@ -119,17 +119,19 @@ def resample_rel_pos_table_2d(table: torch.Tensor, new_grid: int) -> torch.Tenso
     """Resample a 2-D image relative-position table to a new patch-grid side.
 
     ``table``: ``[(2R-1)^2 + 3, H]`` (core row ``(dh + R - 1) * (2R - 1) + (dw + R - 1)``, then the three
-    special cls rows). Returns ``[(2R'-1)^2 + 3, H]`` with ``R' = new_grid``, same dtype and device. Each head's
-    core is placed on the geometric source grid of :func:`geometric_offsets` and evaluated with the
+    special cls rows). Returns ``[(2R'-1)^2 + 3, H]`` with ``R' = new_grid``, same dtype and device. Each
+    head's core is placed on the geometric source grid of :func:`geometric_offsets` and evaluated with the
     tensor-product not-a-knot cubic spline at the integer offsets ``-(R'-1) .. R'-1``; the special rows are
     appended unchanged. If ``new_grid`` equals ``R`` the input tensor itself is returned.
 
-    Shrinking (``new_grid < R``, which the official code never does) uses the same procedure: the bisection then
-    saturates at q = 1.01, so the source samples sit at nearly integer offsets and the result is close to the
-    central ``(2R'-1)^2`` crop of the table, smoothly interpolated.
+    Shrinking (``new_grid < R``, which the official code never does) uses the same procedure: the bisection
+    then saturates at q = 1.01, so the source samples sit at nearly integer offsets and the result is close to
+    the central ``(2R'-1)^2`` crop of the table, smoothly interpolated.
     """
     if table.ndim != 2:
-        raise CheckpointError(f"relative-position table must be 2-D [rows, heads], got shape {tuple(table.shape)}")
+        raise CheckpointError(
+            f"relative-position table must be 2-D [rows, heads], got shape {tuple(table.shape)}"
+        )
     if not isinstance(new_grid, int) or new_grid < 1:
         raise ValueError(f"new_grid must be a positive int, got {new_grid!r}")
     src_side = _table_side(table.shape[0], "relative-position table")
@@ -139,7 +141,13 @@ def resample_rel_pos_table_2d(table: torch.Tensor, new_grid: int) -> torch.Tenso
     heads = table.shape[1]
     x, e = geometric_offsets(src_side, dst_side)
     m = cubic_spline_matrix(x, e)
-    core = table[: src_side * src_side].detach().to("cpu", torch.float64).numpy().reshape(src_side, src_side, heads)
+    core = (
+        table[: src_side * src_side]
+        .detach()
+        .to("cpu", torch.float64)
+        .numpy()
+        .reshape(src_side, src_side, heads)
+    )
     resampled = np.einsum("ai,ijh,bj->abh", m, core, m).reshape(dst_side * dst_side, heads)
     new_core = torch.from_numpy(resampled).to(device=table.device, dtype=table.dtype)
     return torch.cat([new_core, table[-SPECIAL_ROWS:].detach()], dim=0)
@@ -148,10 +156,10 @@ def resample_rel_pos_table_2d(table: torch.Tensor, new_grid: int) -> torch.Tenso
 def resize_abs_pos_2d(pos: torch.Tensor, new_grid: int) -> torch.Tensor:
     """Bicubically resize an absolute image position table to a new grid side.
 
-    ``pos``: ``[g*g + 1, D]`` (row 0 = cls, then the ``g x g`` grid row-major). Returns ``[new_grid^2 + 1, D]``:
-    the cls row unchanged and the grid resized with ``interpolate(mode="bicubic", align_corners=False)``
-    computed in float32, cast back to ``pos.dtype``. Returns ``pos`` itself when ``new_grid == g``.
-    Differentiable (used on the fly at every forward).
+    ``pos``: ``[g*g + 1, D]`` (row 0 = cls, then the ``g x g`` grid row-major). Returns
+    ``[new_grid^2 + 1, D]``: the cls row unchanged and the grid resized with
+    ``interpolate(mode="bicubic", align_corners=False)`` computed in float32, cast back to ``pos.dtype``.
+    Returns ``pos`` itself when ``new_grid == g``. Differentiable (used on the fly at every forward).
     """
     if pos.ndim != 2:
         raise ValueError(f"position table must be 2-D [rows, dim], got shape {tuple(pos.shape)}")
@@ -191,7 +199,7 @@ def image_rel_pos_index(grid: int) -> torch.Tensor:
 
 
 def text_audio_rel_pos_index(bucket_size: int, max_positions: int = 1024) -> torch.Tensor:
-    """Log-bucketed 1-D index matrix ``[max_positions, max_positions]`` (int64) into a ``2*bucket_size + 2`` table.
+    """Log-bucketed 1-D index ``[max_positions, max_positions]`` (int64) into a ``2*bucket_size + 2`` table.
 
     With ``r = i - j`` (query minus key) and ``m = bucket_size // 2``: ``b = r`` if ``|r| <= m``, else
     ``sign(r) * (m + ceil(ln(|r|/m) / ln((max_positions-1)/m) * (m-1)))``; index ``b + bucket_size - 1``.

@@ -1,4 +1,4 @@
-"""Input preprocessing: text tokenisation (:mod:`.tokenizer`), images (:mod:`.image`) and audio (:mod:`.audio`).
+"""Input preprocessing: text (:mod:`.tokenizer`), images (:mod:`.image`) and audio (:mod:`.audio`).
 
 The submodules are imported on demand so that importing :mod:`onepeace.data` stays cheap.
 """

@@ -1,12 +1,13 @@
 """Audio loading and the official audio preprocessing (spec §2.2 items 7-8, §6.3, §7).
 
-Per clip: read as float32, average the channels, resample to 16 kHz with soxr "HQ" (librosa's default ``soxr_hq``,
-used by the official API) -> standardise over the whole clip (layer norm without affine, eps 1e-5) -> keep the
-first ``max_duration`` seconds -> tile clips shorter than 1 s and cut them to exactly 1 s. A batch is right-padded
-with 0.0; its padding mask (True = pad) has ``T_i + 1`` False entries per clip (cls + frames), computed from the
-clip length, not from the waveform values.
+Per clip: read as float32, average the channels, resample to 16 kHz with soxr "HQ" (librosa's
+default ``soxr_hq``, used by the official API) -> standardise over the whole clip (layer norm
+without affine, eps 1e-5) -> keep the first ``max_duration`` seconds -> tile clips shorter than
+1 s and cut them to exactly 1 s. A batch is right-padded with 0.0; its padding mask (True = pad)
+has ``T_i + 1`` False entries per clip (cls + frames), computed from the clip length, not from
+the waveform values.
 
-``soundfile`` and ``soxr`` are optional dependencies (``pip install 'onepeace[audio]'``), imported on first use.
+``soundfile`` and ``soxr`` are optional dependencies (``pip install 'onepeace[audio]'``), imported on use.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def _read_encoded(source: Any, name: str) -> tuple[np.ndarray, float]:
     try:
         data, rate = soundfile.read(source, dtype="float32", always_2d=False)
     except Exception as exc:  # libsndfile reports unreadable data with several exception types
-        raise InputError(f"{name}: cannot decode audio (unreadable file or unsupported format: {exc})") from exc
+        raise InputError(
+            f"{name}: cannot decode audio (unreadable file or unsupported format: {exc})"
+        ) from exc
     return data, rate
 
 
@@ -56,7 +59,9 @@ def _from_array(src: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
             src = src.float()  # numpy has no bfloat16
         src = src.numpy()
     if not np.issubdtype(src.dtype, np.floating):
-        raise InputError(f"{name}: audio samples must be floating point (e.g. float32 in [-1, 1]), got {src.dtype}")
+        raise InputError(
+            f"{name}: audio samples must be floating point (e.g. float32 in [-1, 1]), got {src.dtype}"
+        )
     if src.ndim == 2 and src.shape[1] > src.shape[0]:
         raise InputError(
             f"{name}: 2-D audio must be channels-last [num_samples, channels], got shape {tuple(src.shape)} "
@@ -74,7 +79,8 @@ def _to_mono(data: np.ndarray, name: str) -> np.ndarray:
         data = data.T.mean(axis=0, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     elif data.ndim != 1:
         raise InputError(
-            f"{name}: audio must be 1-D [num_samples] or 2-D [num_samples, channels], got shape {tuple(data.shape)}"
+            f"{name}: audio must be 1-D [num_samples] or 2-D [num_samples, channels], "
+            f"got shape {tuple(data.shape)}"
         )
     if data.shape[0] == 0:
         raise InputError(f"{name}: audio clip is empty (0 samples)")
@@ -98,11 +104,13 @@ def load_audio(
 ) -> np.ndarray:
     """Load one clip as a mono float32 waveform ``[N]`` at ``target_rate``.
 
-    Accepted: a file path (``str`` / ``os.PathLike``; anything soundfile reads: wav, flac, ogg, ...), encoded file
-    ``bytes``, or a float numpy array / tensor, either 1-D ``[N]`` or 2-D **channels-last** ``[N, C]`` (the layout
-    soundfile returns). ``sample_rate`` is the rate of an array input (``None`` = already at ``target_rate``); files
-    and bytes carry their own rate and ignore it. Channels are averaged, then the clip is resampled with soxr HQ if
-    its rate differs from ``target_rate``. ``name`` labels error messages.
+    Accepted: a file path (``str`` / ``os.PathLike``; anything soundfile reads: wav, flac, ogg,
+    ...), encoded file ``bytes``, or a float numpy array / tensor, either 1-D ``[N]`` or 2-D
+    **channels-last** ``[N, C]`` (the layout soundfile returns; a 2-D array with more columns than
+    rows is rejected as channels-first). ``sample_rate`` is the rate of an array input (``None`` =
+    already at ``target_rate``); files and bytes carry their own rate and ignore it. Channels are
+    averaged, then the clip is resampled with soxr HQ if its rate differs from ``target_rate``
+    (length ``ceil(N * target_rate / rate)``, as librosa does). ``name`` labels error messages.
 
     Raises :class:`InputError` (message names the input and the problem) or :class:`TypeError` for bad types.
     """
@@ -136,9 +144,10 @@ def load_audio(
 def prepare_waveform(x: np.ndarray, cfg: AudioAdapterConfig, name: str = "waveform") -> np.ndarray:
     """Official per-clip preparation of a mono ``cfg.sample_rate`` waveform ``[N]`` -> float32 ``[N']``.
 
-    Order (checked against the official fixture): standardise over the whole clip (zero mean, biased variance,
-    eps 1e-5, ``torch.nn.functional.layer_norm`` in float32), then keep the first ``cfg.max_duration`` seconds,
-    then tile a clip shorter than 1 s and cut it to exactly ``cfg.sample_rate`` samples. A silent clip gives zeros.
+    Order (checked against the official fixture): standardise over the whole clip (zero mean, biased
+    variance, eps 1e-5, ``torch.nn.functional.layer_norm`` in float32), then keep the first
+    ``cfg.max_duration`` seconds, then tile a clip shorter than 1 s and cut it to exactly ``cfg.sample_rate``
+    samples. A silent clip gives zeros.
     """
     arr = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x)
     if arr.ndim != 1:
@@ -160,8 +169,8 @@ def collate_audio(
 ) -> tuple[torch.FloatTensor, torch.BoolTensor]:
     """Batch prepared waveforms: ``(waveform [B, N_max] float32, padding_mask [B, T_max + 1] bool)``.
 
-    Waveforms are right-padded with 0.0. Row ``i`` of the mask (True = pad) starts with ``T_i + 1`` False entries
-    (cls + ``T_i = cfg.num_frames(len_i)`` frames) and is right-padded with True.
+    Waveforms are right-padded with 0.0. Row ``i`` of the mask (True = pad) starts with ``T_i + 1`` False
+    entries (cls + ``T_i = cfg.num_frames(len_i)`` frames) and is right-padded with True.
     """
     arrays = [np.asarray(w.detach().cpu() if isinstance(w, torch.Tensor) else w) for w in waves]
     if not arrays:
@@ -169,7 +178,9 @@ def collate_audio(
     frames = []
     for i, arr in enumerate(arrays):
         if arr.ndim != 1:
-            raise InputError(f"audio {i}: expected a 1-D waveform [num_samples], got shape {tuple(arr.shape)}")
+            raise InputError(
+                f"audio {i}: expected a 1-D waveform [num_samples], got shape {tuple(arr.shape)}"
+            )
         num = cfg.num_frames(arr.shape[0])
         if num < 1:
             raise InputError(f"audio {i}: {arr.shape[0]} samples is too short for one feature frame")
@@ -192,12 +203,17 @@ def preprocess_audio(
 ) -> tuple[torch.FloatTensor, torch.BoolTensor]:
     """Official API audio preprocessing of a batch: ``(waveform [B, N_max], padding_mask [B, T_max + 1])``.
 
-    :func:`load_audio` (at ``cfg.sample_rate``; ``sample_rate`` applies to array inputs) -> :func:`prepare_waveform`
-    -> :func:`collate_audio`. Errors name the failing clip (its path, or ``audio i``).
+    :func:`load_audio` (at ``cfg.sample_rate``; ``sample_rate`` applies to array inputs) ->
+    :func:`prepare_waveform` -> :func:`collate_audio`. Errors name the failing clip (its path, or
+    ``audio i``). ``cfg`` defaults to :class:`AudioAdapterConfig` ``()``.
     """
     cfg = AudioAdapterConfig() if cfg is None else cfg
+    if sample_rate is not None:
+        _check_rate(sample_rate, "sample_rate")
     if isinstance(clips, (str, os.PathLike, bytes, bytearray)):
-        raise TypeError(f"clips must be a sequence of clips (e.g. a list), got a single {type(clips).__name__}")
+        raise TypeError(
+            f"clips must be a sequence of clips (e.g. a list), got a single {type(clips).__name__}"
+        )
     if isinstance(clips, (np.ndarray, torch.Tensor)) and clips.ndim < 2:
         raise TypeError("clips must be a sequence of clips; wrap a single waveform in a list")
     items = list(clips)

@@ -1,7 +1,7 @@
 """Image loading and the official evaluation/API transform (spec §6.2, §7).
 
-``preprocess_images`` = RGB -> resize to exactly ``size x size`` with PIL bicubic (what torchvision's ``Resize`` does
-on PIL images) -> ``/ 255`` -> normalise with the CLIP mean and std, all in float32.
+``preprocess_images`` = RGB -> resize to exactly ``size x size`` with PIL bicubic (what torchvision's
+``Resize`` does on PIL images) -> ``/ 255`` -> normalise with the CLIP mean and std, all in float32.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def _check_pixels(img: Image.Image, name: str) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and img.width * img.height > limit:
         raise InputError(
-            f"{name}: image is too large ({img.width}x{img.height} pixels, limit Image.MAX_IMAGE_PIXELS={limit}); "
-            "refusing a possible decompression bomb"
+            f"{name}: image is too large ({img.width}x{img.height} pixels, "
+            f"limit Image.MAX_IMAGE_PIXELS={limit}); refusing a possible decompression bomb"
         )
 
 
@@ -43,7 +43,9 @@ def _open_pil(opener: Any, name: str) -> Image.Image:
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(f"{name}: image is too large, refusing a possible decompression bomb ({exc})") from exc
+        raise InputError(
+            f"{name}: image is too large, refusing a possible decompression bomb ({exc})"
+        ) from exc
     except UnidentifiedImageError as exc:
         raise InputError(f"{name}: not a readable image (unknown or unsupported format)") from exc
     except Exception as exc:  # any decoder failure on user data is an input problem
@@ -59,7 +61,7 @@ def _from_path(path: Path, name: str) -> Image.Image:
 
 
 def _array_to_uint8(arr: np.ndarray, name: str) -> np.ndarray:
-    """``[H, W, 3]`` / ``[H, W, 1]`` / ``[H, W]`` uint8 or float in [0, 1] -> uint8 array of the same shape."""
+    """``[H, W, 3]`` / ``[H, W, 1]`` / ``[H, W]`` uint8 or float in [0, 1] -> uint8 array, same shape."""
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3)):
         raise InputError(f"{name}: array must have shape [H, W, 3] or [H, W], got {tuple(arr.shape)}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
@@ -72,7 +74,8 @@ def _array_to_uint8(arr: np.ndarray, name: str) -> np.ndarray:
         raise InputError(f"{name}: array contains NaN or infinite values")
     if arr.min() < 0.0 or arr.max() > 1.0:
         raise InputError(
-            f"{name}: float array values must lie in [0, 1], got range [{float(arr.min())}, {float(arr.max())}]"
+            f"{name}: float array values must lie in [0, 1], "
+            f"got range [{float(arr.min())}, {float(arr.max())}]"
         )
     return np.rint(arr.astype(np.float64) * 255.0).astype(np.uint8)
 
@@ -98,7 +101,8 @@ def load_image(src: ImageInput, name: str | None = None) -> Image.Image:
     """Load one image as an RGB PIL image.
 
     Accepted: a file path (``str`` / ``os.PathLike``), encoded file ``bytes``, a PIL image, a numpy array
-    ``[H, W, 3]`` or ``[H, W]`` (uint8, or float in [0, 1]), or a tensor ``[3, H, W]`` (uint8 or float in [0, 1]).
+    ``[H, W, 3]`` or ``[H, W]`` (uint8, or float in [0, 1]), or a tensor ``[3, H, W]`` (uint8 or float in
+    [0, 1]).
     Float pixels are rounded to the nearest of the 256 levels. ``name`` labels error messages.
 
     Raises :class:`InputError` for unreadable data (message names the input and the problem) and
@@ -141,15 +145,16 @@ def _to_tensor(img: Image.Image, size: int) -> torch.Tensor:
 def preprocess_images(images: Sequence[ImageInput], size: int = 256) -> torch.FloatTensor:
     """Official API image transform on a batch: ``FloatTensor [B, 3, size, size]``.
 
-    Each image is converted to RGB, resized to exactly ``size x size`` (aspect ratio not kept) with PIL bicubic,
-    scaled to [0, 1] and normalised with :data:`CLIP_MEAN` / :data:`CLIP_STD`. Errors name the failing input
-    (its path, or ``image i`` for the ``i``-th element).
+    Each image is converted to RGB, resized to exactly ``size x size`` (aspect ratio not kept) with
+    PIL bicubic, scaled to [0, 1] and normalised with :data:`CLIP_MEAN` / :data:`CLIP_STD`. Errors
+    name the failing input (its path, or ``image i`` for the ``i``-th element).
     """
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise InputError(f"size must be a positive int, got {size!r}")
     if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):
         raise TypeError(
-            f"images must be a sequence of images (e.g. a list), got a single {type(images).__name__}; wrap it in a list"
+            f"images must be a sequence of images (e.g. a list), got a single {type(images).__name__}; "
+            "wrap it in a list"
         )
     try:
         items = list(images)

@@ -1,9 +1,10 @@
 """Text tokeniser reproducing the official ONE-PEACE text preprocessing (spec §2.3).
 
-Pipeline: GPT-2 byte-level BPE (``encoder.json`` + ``vocab.bpe``) turns ``" " + text.lower()`` into GPT-2 ids; each
-GPT-2 id is mapped to its index in the fairseq dictionary ``dict.txt`` (index = 4 + line number, after the specials
-``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3); the first ``max_tokens`` (70) indices are kept and eos (2) is
-appended. No bos is added. Batches are right-padded with 1. The data files ship inside the package.
+Pipeline: GPT-2 byte-level BPE (``encoder.json`` + ``vocab.bpe``) turns ``" " + text.lower()``
+into GPT-2 ids; each GPT-2 id is mapped to its index in the fairseq dictionary ``dict.txt``
+(index = 4 + line number, after the specials ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3);
+the first ``max_tokens`` (70) indices are kept and eos (2) is appended. No bos is added. Batches
+are right-padded with 1. The data files ship inside the package.
 """
 
 from __future__ import annotations
@@ -35,11 +36,17 @@ _WHITESPACE_RUN = re.compile(r"\s{2,}")
 
 
 def _read_asset(name: str) -> str:
-    return resources.files("onepeace").joinpath("assets").joinpath("bpe").joinpath(name).read_text(encoding="utf-8")
+    return (
+        resources.files("onepeace")
+        .joinpath("assets")
+        .joinpath("bpe")
+        .joinpath(name)
+        .read_text(encoding="utf-8")
+    )
 
 
 def _parse_merges(text: str) -> list[tuple[str, str]]:
-    """Merge pairs of ``vocab.bpe`` in priority order (the ``#version`` header and blank lines are skipped)."""
+    """Merge pairs of ``vocab.bpe`` in priority order (skipping the ``#version`` header and blank lines)."""
     merges = []
     for line in text.splitlines():
         if not line.strip() or line.startswith("#version"):
@@ -64,7 +71,8 @@ def _build_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> _HFToken
 class Tokenizer:
     """GPT-2 BPE + fairseq dictionary tokeniser with the official API behaviour.
 
-    Construction reads the packaged BPE files once (about 0.2 s); reuse the instance (see :func:`default_tokenizer`).
+    Construction reads the packaged BPE files once (about 0.2 s); reuse the instance
+    (see :func:`default_tokenizer`).
     """
 
     def __init__(self, max_tokens: int = MAX_TOKENS) -> None:
@@ -114,7 +122,7 @@ class Tokenizer:
 
     @property
     def word_start_table(self) -> torch.BoolTensor:
-        """``BoolTensor [vocab_size]``: True where the dictionary entry starts a word (see :meth:`is_word_start`)."""
+        """``BoolTensor [vocab_size]``: True where the entry starts a word (see :meth:`is_word_start`)."""
         return torch.from_numpy(self._word_start.copy())
 
     # ------------------------------------------------------------------ encoding
@@ -129,7 +137,7 @@ class Tokenizer:
         return ids.tolist() + [EOS_ID]
 
     def encode(self, text: str) -> list[int]:
-        """Dictionary ids of one string as the official API makes them: at most ``max_tokens`` ids, then eos (2)."""
+        """Dictionary ids of one string, as the official API makes them: up to ``max_tokens``, then eos."""
         return self._finish(self.bpe_ids(text))
 
     def __call__(self, texts: str | Sequence[str]) -> torch.LongTensor:
@@ -173,7 +181,9 @@ class Tokenizer:
         arr = arr.astype(np.int64)
         bad = np.flatnonzero((arr < 0) | (arr >= self.vocab_size))
         if bad.size:
-            raise InputError(f"token id {int(arr[bad[0]])} at position {int(bad[0])} is outside [0, {self.vocab_size})")
+            raise InputError(
+                f"token id {int(arr[bad[0]])} at position {int(bad[0])} is outside [0, {self.vocab_size})"
+            )
         return arr
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
@@ -187,9 +197,10 @@ class Tokenizer:
         return text.removeprefix(" ")
 
     def is_word_start(self, ids: Sequence[int] | torch.Tensor) -> list[bool]:
-        """Per id ``[n]``: True when the entry begins a word (its GPT-2 string starts with the space symbol 'Ġ').
+        """Per id ``[n]``: True when the entry begins a word (its GPT-2 string starts with Ġ, the space).
 
-        Specials (bos, pad, eos, unk) and madeupword entries count as word starts, as in fairseq's whole-word mask.
+        Specials (bos, pad, eos, unk) and madeupword entries count as word starts, as in fairseq's
+        whole-word masking.
         """
         return self._word_start[self._check_ids(ids)].tolist()
 

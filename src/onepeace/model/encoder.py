@@ -55,7 +55,7 @@ class FusionEncoder(nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        rates = torch.linspace(0, drop_path_rate, layers).tolist() if layers > 1 else [0.0]
+        rates = [drop_path_rate * i / (layers - 1) for i in range(layers)] if layers > 1 else [0.0]
         self.layers = nn.ModuleList(
             FusionBlock(dim, heads, ffn_dim, modalities, layer_scale_init, rate) for rate in rates
         )

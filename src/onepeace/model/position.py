@@ -27,7 +27,7 @@ def sequence_rel_pos_index(bucket_size: int, max_positions: int = 1024) -> torch
     Returns:
         ``[max_positions, max_positions]`` int64 with values in ``[0, 2 * bucket_size + 1]``.
     """
-    pos = torch.arange(max_positions, dtype=torch.long)
+    pos = torch.arange(max_positions, dtype=torch.long, device="cpu")  # index buffers live on CPU even under a meta-device context
     rel = pos[:, None] - pos[None, :]  # [P, P], query minus key
     mid = bucket_size // 2
     mag = rel.abs().clamp(min=1).to(torch.float64)
@@ -43,12 +43,13 @@ def grid_rel_pos_index(grid: int) -> torch.Tensor:
     Returns:
         ``[grid**2 + 1, grid**2 + 1]`` int64 into a table of ``(2 * grid - 1) ** 2 + 3`` rows.
     """
-    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    steps = torch.arange(grid, device="cpu")
+    ys, xs = torch.meshgrid(steps, steps, indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()  # [N], row-major patch order
     dy = ys[:, None] - ys[None, :] + grid - 1
     dx = xs[:, None] - xs[None, :] + grid - 1
     side = 2 * grid - 1
-    index = torch.zeros(grid * grid + 1, grid * grid + 1, dtype=torch.long)
+    index = torch.zeros(grid * grid + 1, grid * grid + 1, dtype=torch.long, device="cpu")
     index[1:, 1:] = dy * side + dx
     return _with_cls_rows(index, side * side + 3)
 

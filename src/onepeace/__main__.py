@@ -1,0 +1,3 @@
+from onepeace.cli import main
+
+raise SystemExit(main())

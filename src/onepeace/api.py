@@ -1,0 +1,178 @@
+"""The user-facing model: preprocessing of raw inputs plus the network (``onepeace.load`` returns this)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onepeace.config import OnePeaceConfig
+from onepeace.errors import InputError
+from onepeace.modality import Modality
+from onepeace.model import Embeddings, Features, OnePeaceModel
+
+
+class OnePeace(nn.Module):
+    """ONE-PEACE with its official preprocessing.
+
+    ``tokenize`` / ``preprocess_image`` / ``preprocess_audio`` turn raw inputs into tensors; ``encode_*`` give
+    L2-normalised ``[B, D]`` embeddings; ``embed`` does both; ``forward_features`` exposes hidden states.
+    """
+
+    def __init__(self, model: OnePeaceModel) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def cfg(self) -> OnePeaceConfig:
+        return self.model.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.logit_scale.dtype
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.image.image_size
+
+    # ----------------------------------------------------------------------------------------- preprocessing
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Official API token ids ``LongTensor [B, n]``: lowercased, BPE, <= 70 ids + eos, right-padded with 1."""
+        from onepeace.data.tokenizer import default_tokenizer
+
+        return default_tokenizer()(texts)
+
+    def preprocess_image(self, images: Sequence[Any]) -> torch.Tensor:
+        """Paths, bytes, PIL images or arrays -> ``FloatTensor [B, 3, S, S]`` (bicubic resize, CLIP normalisation)."""
+        from onepeace.data.image import preprocess_images
+
+        return preprocess_images(_as_list(images), self.image_size)
+
+    def preprocess_audio(
+        self, clips: Sequence[Any], sample_rate: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paths, bytes or arrays -> ``(waveform [B, N], padding_mask [B, T + 1])`` at 16 kHz, standardised."""
+        from onepeace.data.audio import preprocess_audio
+
+        return preprocess_audio(_as_list(clips), self.cfg.audio, sample_rate=sample_rate)
+
+    # ----------------------------------------------------------------------------------------- tensors in
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens [B, n]`` -> L2-normalised ``[B, D]``."""
+        return self.model.encode_text(self._to_device(tokens))
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``pixels [B, 3, S, S]`` -> L2-normalised ``[B, D]``."""
+        return self.model.encode_image(self._to_device(pixels))
+
+    def encode_audio(self, waveform: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """``waveform [B, N]``, ``padding_mask [B, T + 1]`` -> L2-normalised ``[B, D]``."""
+        return self.model.encode_audio(self._to_device(waveform), self._to_device(padding_mask))
+
+    def forward_features(
+        self,
+        text: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+        audio: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Features:
+        """One pass over the modalities given (text+image or text+audio run jointly).
+
+        Returns Features whose ``.text`` / ``.image`` / ``.audio`` have ``.hidden [B, S, D]`` (after the final
+        norm) and ``.padding_mask [B, S]``.
+        """
+        text, image, audio = self._move(text, image, audio)
+        return self.model.forward_features(text, image, audio)
+
+    def forward_intermediates(
+        self,
+        text: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+        audio: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """Residual stream after every layer: L tensors ``[B, S_total, D]`` before the final norms."""
+        text, image, audio = self._move(text, image, audio)
+        return self.model.forward_intermediates(text, image, audio)
+
+    def forward(self, **inputs: Any) -> Embeddings:
+        return self.embed(**inputs)
+
+    # ----------------------------------------------------------------------------------------- raw data in
+    @torch.inference_mode()
+    def embed(
+        self,
+        text: str | Sequence[str] | None = None,
+        image: Any | Sequence[Any] | None = None,
+        audio: Any | Sequence[Any] | None = None,
+        *,
+        sample_rate: int | None = None,
+    ) -> Embeddings:
+        """Normalised embeddings ``[B, D]`` of raw inputs, one batch per modality given.
+
+        ``text``: strings; ``image``: paths, bytes, PIL images or arrays; ``audio``: paths, bytes or 1-D arrays
+        (at ``sample_rate``, default 16 kHz). Each modality runs its own unimodal pass.
+        """
+        out: dict[str, torch.Tensor] = {}
+        if text is not None:
+            texts = _as_list(text)
+            for i, t in enumerate(texts):
+                if isinstance(t, str) and not t.strip():
+                    raise InputError(f"text {i} is empty; give some words to embed")
+            out["text"] = self.encode_text(self.tokenize(texts))
+        if image is not None:
+            out["image"] = self.encode_image(self.preprocess_image(image))
+        if audio is not None:
+            out["audio"] = self.encode_audio(*self.preprocess_audio(audio, sample_rate))
+        if not out:
+            raise InputError("give at least one of text=, image= or audio=")
+        return Embeddings(**out)
+
+    def compose(
+        self,
+        text: str | Sequence[str] | None = None,
+        image: Any | Sequence[Any] | None = None,
+        audio: Any | Sequence[Any] | None = None,
+        *,
+        sample_rate: int | None = None,
+    ) -> torch.Tensor:
+        """One query vector ``[D]`` from several inputs: the mean of their normalised embeddings, re-normalised.
+
+        This is how the official maintainers combine modalities (e.g. a sound plus a text to find an image).
+        """
+        emb = self.embed(text=text, image=image, audio=audio, sample_rate=sample_rate)
+        parts = [getattr(emb, m.value) for m in Modality if getattr(emb, m.value) is not None]
+        return F.normalize(torch.cat(parts).float().mean(0), dim=-1)
+
+    # ----------------------------------------------------------------------------------------- helpers
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+        return x.to(self.device)
+
+    def _move(self, text, image, audio):
+        text = None if text is None else self._to_device(text)
+        image = None if image is None else self._to_device(image)
+        if audio is not None:
+            if not isinstance(audio, (tuple, list)) or len(audio) != 2:
+                raise TypeError("audio must be a (waveform [B, N], padding_mask [B, T + 1]) pair")
+            audio = (self._to_device(audio[0]), self._to_device(audio[1]))
+        return text, image, audio
+
+
+def _as_list(items: Any) -> list[Any]:
+    """A single input (a string, path, bytes, PIL image or 1-D array) becomes a one-item list."""
+    import os
+
+    if isinstance(items, (str, bytes, bytearray, os.PathLike)):
+        return [items]
+    if hasattr(items, "shape") and len(getattr(items, "shape")) <= 1:
+        return [items]
+    if type(items).__module__.startswith("PIL."):
+        return [items]
+    return list(items)

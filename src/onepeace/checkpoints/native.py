@@ -1,0 +1,71 @@
+"""The project's own checkpoint format: a directory with ``model.safetensors`` and ``config.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from onepeace.config import OnePeaceConfig
+from onepeace.errors import CheckpointError
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+FORMAT = "onepeace/1"
+
+
+def is_native_dir(path: str | Path) -> bool:
+    """True when ``path`` is a directory holding a native checkpoint."""
+    p = Path(path)
+    return p.is_dir() and (p / CONFIG).is_file()
+
+
+def save_native(model: nn.Module, cfg: OnePeaceConfig, out_dir: str | Path, metadata: dict | None = None) -> Path:
+    """Write ``model``'s parameters (contiguous, no buffers) and config to ``out_dir``; each file atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    info = {"format": FORMAT, "config": cfg.to_dict(), **(metadata or {})}
+    _atomic(out / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    _atomic(out / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
+    return out
+
+
+def _atomic(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_native(path: str | Path) -> tuple[OnePeaceConfig, dict[str, torch.Tensor]]:
+    """Config and memory-mapped tensors of a native checkpoint directory (no pickle involved)."""
+    root = Path(path)
+    try:
+        info = json.loads((root / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{root / CONFIG}: cannot read the model config ({exc})") from exc
+    if not isinstance(info, dict) or info.get("format") != FORMAT or "config" not in info:
+        raise CheckpointError(f"{root / CONFIG} is not a onepeace model config (expected format {FORMAT!r})")
+    try:
+        cfg = OnePeaceConfig.from_dict(info["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{root / CONFIG}: {exc}") from exc
+    weights = root / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{root} has no {WEIGHTS}")
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    return cfg, tensors

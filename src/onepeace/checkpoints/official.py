@@ -1,0 +1,106 @@
+"""Official ONE-PEACE checkpoints (fairseq layout, spec §9) -> our config and state dict."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from onepeace.checkpoints.official_keys import KeyReport, sort_keys
+from onepeace.checkpoints.pickle_io import read_official_checkpoint
+from onepeace.config import AudioAdapterConfig, ImageAdapterConfig, OnePeaceConfig, TextAdapterConfig
+from onepeace.errors import CheckpointError
+from onepeace.modality import Modality
+
+
+def parse_feature_spec(spec: str) -> tuple[tuple[int, int, int], ...]:
+    """Read an official ``feature_encoder_spec`` such as ``"[(512, 10, 5)] + [(512, 3, 2)] * 4"`` without eval.
+
+    Only list/tuple literals of integers joined by ``+`` and repeated by ``* int`` are accepted.
+    """
+
+    def value(node: ast.AST) -> Any:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, (ast.List, ast.Tuple)):
+            items = [value(e) for e in node.elts]
+            return items if isinstance(node, ast.List) else tuple(items)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        raise CheckpointError(f"unsupported feature_encoder_spec element: {ast.dump(node)[:60]}")
+
+    try:
+        layers = value(ast.parse(spec, mode="eval").body)
+    except SyntaxError as exc:
+        raise CheckpointError(f"cannot parse feature_encoder_spec {spec!r}") from exc
+    if not isinstance(layers, list) or not all(isinstance(t, tuple) and len(t) == 3 for t in layers):
+        raise CheckpointError(f"feature_encoder_spec {spec!r} is not a list of (channels, kernel, stride)")
+    return tuple(tuple(int(v) for v in t) for t in layers)
+
+
+def _modalities(report: KeyReport) -> tuple[Modality, ...]:
+    present = {ours.split(".")[1] for ours in report.mapped.values() if ours.startswith("adapters.")}
+    mods = tuple(m for m in Modality if m.value in present)
+    if not mods:
+        raise CheckpointError("the checkpoint holds no ONE-PEACE adapter weights (no encoder_wrapper.*_adapter keys)")
+    return mods
+
+
+def config_from_official(cfg: dict, state_dict: dict[str, torch.Tensor], report: KeyReport) -> OnePeaceConfig:
+    """Model config of an official checkpoint from its saved ``cfg`` and the shapes of its tensors."""
+    enc = (cfg.get("model") or {}).get("encoder") or {}
+    if not enc:
+        raise CheckpointError("the checkpoint's cfg has no model.encoder section; is it a ONE-PEACE checkpoint?")
+    mods = _modalities(report)
+    ours = {v: k for k, v in report.mapped.items()}
+    tables = [k for k in ours if ".rel_pos.tables." in k and k.startswith(f"adapters.{mods[0].value}.")]
+    audio = enc.get("audio_adapter") or {}
+    image = enc.get("image_adapter") or {}
+    text = enc.get("text_adapter") or {}
+    pos = state_dict.get(ours.get("adapters.image.pos_embed", ""))
+    pos_grid = math.isqrt(pos.shape[0] - 1) if pos is not None else int(image.get("bucket_size", 16))
+    image_size = int((cfg.get("task") or {}).get("patch_image_size") or 16 * int(image.get("rel_bucket_size", 16)))
+    tokens = state_dict.get(ours.get("adapters.text.token_embed.weight", ""))
+    text_cfg = TextAdapterConfig(
+        vocab_size=tokens.shape[0] if tokens is not None else 50264,
+        bucket_size=int(text.get("bucket_size", 256)),
+    )
+    audio_cfg = AudioAdapterConfig(
+        bucket_size=int(audio.get("bucket_size", 512)),
+        conv_pos_depth=int(audio.get("conv_pos_depth", 5)),
+        conv_pos_width=int(audio.get("conv_pos_width", 95)),
+        conv_pos_groups=int(audio.get("conv_pos_groups", 16)),
+        **({"feature_layers": parse_feature_spec(audio["feature_encoder_spec"])}
+           if audio.get("feature_encoder_spec") else {}),
+    )
+    return OnePeaceConfig(
+        embed_dim=int(enc["embed_dim"]),
+        layers=int(enc["layers"]),
+        heads=int(enc["attention_heads"]),
+        ffn_dim=int(enc["ffn_embed_dim"]),
+        layer_scale_init=float(enc.get("layer_scale_init_value", 1e-6)) if enc.get("use_layer_scale", True) else 0.0,
+        per_layer_rel_pos=len(tables) > 1,
+        modalities=mods,
+        text=text_cfg,
+        image=ImageAdapterConfig(image_size=image_size, pos_grid=pos_grid),
+        audio=audio_cfg,
+    )
+
+
+def read_official(path: str | Path) -> tuple[OnePeaceConfig, dict[str, torch.Tensor], KeyReport]:
+    """Read an official ``.pt``: its config, its tensors under our key names, and how the keys were sorted.
+
+    Buffers (``rp_bucket``, ``position_idx``, ``version``) and pretraining-only keys are left out; an unknown
+    key raises :class:`CheckpointError` naming it.
+    """
+    state_dict, cfg = read_official_checkpoint(path)
+    report = sort_keys(list(state_dict))
+    if report.unknown:
+        shown = ", ".join(report.unknown[:10]) + (" ..." if len(report.unknown) > 10 else "")
+        raise CheckpointError(f"{path}: {len(report.unknown)} key(s) are not part of ONE-PEACE: {shown}")
+    config = config_from_official(cfg, state_dict, report)
+    return config, {ours: state_dict[key] for key, ours in report.mapped.items()}, report

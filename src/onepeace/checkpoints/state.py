@@ -1,0 +1,82 @@
+"""Fitting a state dict (our key names) to a model: resolution change, checks, memory-friendly loading."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from onepeace.checkpoints.resample import resample_rel_pos_table_2d
+from onepeace.config import OnePeaceConfig
+from onepeace.errors import CheckpointError
+from onepeace.model import OnePeaceModel
+
+#: Keys a checkpoint may lack; the model keeps its initial value (the official loader does the same).
+OPTIONAL_KEYS = frozenset({"logit_scale"})
+
+
+def change_image_size(
+    cfg: OnePeaceConfig, state_dict: dict[str, torch.Tensor], image_size: int | None
+) -> tuple[OnePeaceConfig, dict[str, torch.Tensor]]:
+    """Re-target the image branch to ``image_size`` pixels (spec §2.1, resolution change at load).
+
+    The 2-D relative tables are resampled with the geometric-sequence cubic interpolation; absolute positions
+    stay stored at their grid and are resized bicubically in every forward pass.
+    """
+    if image_size is None or image_size == cfg.image.image_size:
+        return cfg, state_dict
+    new_cfg = cfg.replace(image_size=image_size)
+    if "image" not in {m.value for m in cfg.modalities}:
+        return new_cfg, state_dict
+    out = dict(state_dict)
+    prefix = "adapters.image.rel_pos.tables."
+    for key, table in state_dict.items():
+        if key.startswith(prefix):
+            out[key] = resample_rel_pos_table_2d(table, new_cfg.image.grid)
+    return new_cfg, out
+
+
+def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Compare keys and shapes with ``model``; raise :class:`CheckpointError` naming every problem.
+
+    Returns the optional keys that are missing (they keep the model's initial values).
+    """
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k])}"
+        for k in sorted(set(expected) & set(state_dict))
+        if tuple(state_dict[k].shape) != tuple(expected[k])
+    ]
+    problems = []
+    if hard_missing := [k for k in missing if k not in OPTIONAL_KEYS]:
+        problems.append(f"missing key(s): {_short(hard_missing)}")
+    if unexpected:
+        problems.append(f"unexpected key(s): {_short(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatch: {_short(wrong)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit this model: " + "; ".join(problems))
+    return [k for k in missing if k in OPTIONAL_KEYS]
+
+
+def _short(items: list[str], limit: int = 8) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def build_model(
+    cfg: OnePeaceConfig, state_dict: dict[str, torch.Tensor], source: str, dtype: torch.dtype | None = None
+) -> OnePeaceModel:
+    """Build a model on the meta device and adopt ``state_dict``'s tensors without an extra copy."""
+    with torch.device("meta"):
+        model = OnePeaceModel(cfg, init=False)
+    missing_optional = check_state_dict(model, state_dict, source)
+    tensors = dict(state_dict)
+    for key in missing_optional:
+        if key == "logit_scale":
+            tensors[key] = torch.tensor(cfg.logit_scale_init)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.eval()

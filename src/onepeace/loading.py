@@ -1,0 +1,96 @@
+"""``onepeace.load``: a variant name, an official ``.pt`` or a native directory -> :class:`OnePeace`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from onepeace.api import OnePeace
+from onepeace.config import OnePeaceConfig
+from onepeace.errors import CheckpointError
+from onepeace.model import OnePeaceModel
+from onepeace.variants import VARIANTS, list_variants
+
+
+def read_weights(path: str | Path) -> tuple[OnePeaceConfig, dict[str, torch.Tensor], str]:
+    """Config and tensors (our key names) of a checkpoint, and a short description of its kind."""
+    from onepeace.checkpoints.native import is_native_dir, read_native
+
+    p = Path(path)
+    if is_native_dir(p):
+        cfg, tensors = read_native(p)
+        return cfg, tensors, "native"
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a directory without config.json; expected a onepeace model directory")
+    if not p.exists():
+        raise FileNotFoundError(
+            f"no such model file or directory: {p} (known variants: {', '.join(list_variants())})"
+        )
+    from onepeace.checkpoints.official import read_official
+
+    cfg, tensors, _ = read_official(p)
+    return cfg, tensors, "official"
+
+
+def load(
+    path_or_variant: str | Path,
+    *,
+    image_size: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> OnePeace:
+    """Load ONE-PEACE in eval mode.
+
+    Args:
+        path_or_variant: a variant name (random initialisation, see ``onepeace.list_variants()``), an official
+            fairseq ``.pt`` checkpoint, or a directory with ``model.safetensors`` + ``config.json``.
+        image_size: input resolution in pixels (multiple of 16); the image position tables are adapted.
+        device: where to put the model (default CPU).
+        dtype: parameter dtype, e.g. ``torch.bfloat16`` or ``"bf16"`` (default: as stored; float32 for variants).
+    """
+    from onepeace.checkpoints.state import build_model, change_image_size
+
+    dtype = _parse_dtype(dtype)
+    if isinstance(path_or_variant, str) and path_or_variant in VARIANTS:
+        cfg = VARIANTS[path_or_variant]
+        if image_size is not None:
+            cfg = cfg.replace(image_size=image_size)
+        model = OnePeaceModel(cfg).eval()
+        if dtype is not None:
+            model = model.to(dtype)
+    else:
+        cfg, tensors, kind = read_weights(path_or_variant)
+        cfg, tensors = change_image_size(cfg, tensors, image_size)
+        model = build_model(cfg, tensors, f"{kind} checkpoint {path_or_variant}", dtype)
+    if device is not None:
+        model = model.to(device)
+    return OnePeace(model).eval()
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of: {', '.join(sorted(_DTYPES))}") from None
+
+
+def convert(official_path: str | Path, out_dir: str | Path) -> Path:
+    """Convert an official ``.pt`` to a native directory (``model.safetensors`` + ``config.json``)."""
+    from onepeace.checkpoints.native import save_native
+    from onepeace.checkpoints.official import read_official
+    from onepeace.checkpoints.state import build_model
+
+    cfg, tensors, report = read_official(official_path)
+    model = build_model(cfg, tensors, f"official checkpoint {official_path}")
+    meta = {"converted_from": Path(official_path).name, "ignored_pretraining_keys": len(report.pretrain_only)}
+    return save_native(model, cfg, out_dir, metadata=meta)
