@@ -11,12 +11,10 @@ from scipy.interpolate import RectBivariateSpline
 from onepeace.checkpoints.resample import (
     cubic_spline_matrix,
     geometric_offsets,
-    image_rel_pos_index,
     resample_rel_pos_table_2d,
-    resize_abs_pos_2d,
-    text_audio_rel_pos_index,
 )
 from onepeace.errors import CheckpointError
+from onepeace.model.position import grid_rel_pos_index, resize_grid_pos_embed, sequence_rel_pos_index
 
 IMAGE = "encoder_wrapper.image_adapter."
 
@@ -44,28 +42,30 @@ def test_rel_pos_table_matches_official_upgrade(state_dict, outputs):
 
 def test_abs_pos_resize_matches_official(state_dict, outputs):
     pos = state_dict[IMAGE + "pos_embed"]
-    resized = resize_abs_pos_2d(pos, 6)
+    resized = resize_grid_pos_embed(pos, 6)
     expected = outputs["res96.image_adapter.abs_pos_embed"]
     assert resized.shape == expected.shape == (37, 64)
     torch.testing.assert_close(resized, expected, atol=1e-6, rtol=0)
-    assert resize_abs_pos_2d(pos, 4) is pos
+    assert resize_grid_pos_embed(pos, 4) is pos
 
 
 def test_index_buffers_match_official(state_dict, outputs):
-    assert torch.equal(image_rel_pos_index(4), state_dict[IMAGE + "rp_bucket"])
-    assert torch.equal(image_rel_pos_index(6), outputs["res96.image_adapter.rp_bucket"])
-    text = text_audio_rel_pos_index(256)
-    audio = text_audio_rel_pos_index(512)
+    assert torch.equal(grid_rel_pos_index(4), state_dict[IMAGE + "rp_bucket"])
+    assert torch.equal(grid_rel_pos_index(6), outputs["res96.image_adapter.rp_bucket"])
+    text = sequence_rel_pos_index(256)
+    audio = sequence_rel_pos_index(512)
     assert text.dtype == audio.dtype == torch.long
     assert torch.equal(text, state_dict["encoder_wrapper.text_adapter.rp_bucket"])
     assert torch.equal(audio, state_dict["encoder_wrapper.audio_adapter.rp_bucket"])
 
 
 def test_index_ranges():
-    idx = image_rel_pos_index(16)
+    idx = grid_rel_pos_index(16)
     assert idx.shape == (257, 257) and int(idx.min()) == 0 and int(idx.max()) == 31 * 31 + 2
-    text = text_audio_rel_pos_index(256, 300)
-    assert text.shape == (300, 300) and int(text[1:, 1:].max()) <= 2 * 256 - 2 and int(text[1:, 1:].min()) >= 0
+    text = sequence_rel_pos_index(256, 300)
+    assert (
+        text.shape == (300, 300) and int(text[1:, 1:].max()) <= 2 * 256 - 2 and int(text[1:, 1:].min()) >= 0
+    )
 
 
 @pytest.mark.parametrize(("src", "dst"), [(7, 11), (31, 47), (31, 63), (5, 9), (9, 5), (31, 15)])
@@ -92,7 +92,9 @@ def test_spline_on_uniform_grid_and_small_inputs():
         degree = min(n - 1, 3)
         poly = np.polynomial.Polynomial(rng.normal(size=degree + 1))
         pts = np.linspace(-1.0, 1.0, 9)
-        np.testing.assert_allclose(cubic_spline_matrix(xs, pts) @ poly(xs), poly(np.clip(pts, xs[0], xs[-1])), atol=1e-12)
+        np.testing.assert_allclose(
+            cubic_spline_matrix(xs, pts) @ poly(xs), poly(np.clip(pts, xs[0], xs[-1])), atol=1e-12
+        )
 
 
 def test_geometric_offsets_follow_spec():
@@ -118,7 +120,9 @@ def test_shrinking_uses_same_interpolation_close_to_central_crop():
     side, heads = 31, 2
     r = torch.arange(side, dtype=torch.float64) - 15
     smooth = torch.sin(r[:, None] / 9.0) + torch.cos(r[None, :] / 7.0)
-    table = torch.cat([smooth.reshape(-1, 1).repeat(1, heads), torch.full((3, heads), 7.0, dtype=torch.float64)])
+    table = torch.cat(
+        [smooth.reshape(-1, 1).repeat(1, heads), torch.full((3, heads), 7.0, dtype=torch.float64)]
+    )
     small = resample_rel_pos_table_2d(table, 8)  # 31 -> 15
     assert small.shape == (15 * 15 + 3, heads)
     assert torch.equal(small[-3:], table[-3:])
@@ -135,4 +139,4 @@ def test_bad_table_shapes_raise():
     with pytest.raises(ValueError, match="new_grid"):
         resample_rel_pos_table_2d(torch.zeros(52, 4), 0)
     with pytest.raises(ValueError, match="rows"):
-        resize_abs_pos_2d(torch.zeros(18, 8), 6)
+        resize_grid_pos_embed(torch.zeros(18, 8), 6)

@@ -171,7 +171,7 @@ def _as_list(items: Any) -> list[Any]:
 
     if isinstance(items, (str, bytes, bytearray, os.PathLike)):
         return [items]
-    if hasattr(items, "shape") and len(getattr(items, "shape")) <= 1:
+    if hasattr(items, "shape") and len(items.shape) <= 1:
         return [items]
     if type(items).__module__.startswith("PIL."):
         return [items]

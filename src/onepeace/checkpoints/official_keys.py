@@ -27,8 +27,14 @@ RULES: tuple[tuple[str, str], ...] = (
     ("encoder_wrapper.image_adapter.embed_images.3.{w}", "adapters.image.stem.conv2.{w}"),
     ("encoder_wrapper.image_adapter.embed_images.4.layer_norm.{w}", "adapters.image.stem.norm2.{w}"),
     ("encoder_wrapper.image_adapter.embed_images.6.{w}", "adapters.image.stem.conv3.{w}"),
-    ("encoder_wrapper.audio_adapter.embed_audios.0.conv_layers.{c}.0.weight", "adapters.audio.extractor.{c}.conv.weight"),
-    ("encoder_wrapper.audio_adapter.embed_audios.0.conv_layers.{c}.2.1.{w}", "adapters.audio.extractor.{c}.norm.{w}"),
+    (
+        "encoder_wrapper.audio_adapter.embed_audios.0.conv_layers.{c}.0.weight",
+        "adapters.audio.extractor.{c}.conv.weight",
+    ),
+    (
+        "encoder_wrapper.audio_adapter.embed_audios.0.conv_layers.{c}.2.1.{w}",
+        "adapters.audio.extractor.{c}.norm.{w}",
+    ),
     ("encoder_wrapper.audio_adapter.embed_audios.2.{w}", "adapters.audio.feature_norm.{w}"),
     ("encoder_wrapper.audio_adapter.embed_audios.3.{w}", "adapters.audio.feature_proj.{w}"),
     ("encoder_wrapper.audio_adapter.embed_positions.{p+1}.0.{w}", "adapters.audio.conv_pos.{p}.conv.{w}"),
@@ -51,7 +57,9 @@ RULES: tuple[tuple[str, str], ...] = (
 BUFFER_SUFFIXES: tuple[str, ...] = (".rp_bucket", ".position_idx", ".version")
 
 #: Keys that only the official pretraining model holds (decoder and mask-prediction heads, spec §9.3).
-PRETRAIN_ONLY = re.compile(r"^(decoder_wrapper\.|decoder_(text|image|audio)_embed\.|(text|image|audio)_mask_(token|head))")
+PRETRAIN_ONLY = re.compile(
+    r"^(decoder_wrapper\.|decoder_(text|image|audio)_embed\.|(text|image|audio)_mask_(token|head))"
+)
 
 _PLACEHOLDER = {
     "m": r"(?P<m>text|image|audio)",

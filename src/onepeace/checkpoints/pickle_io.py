@@ -10,6 +10,7 @@ plain data, and any other global is refused before it can run. Every failure rai
 
 from __future__ import annotations
 
+import _compat_pickle
 import importlib
 import json
 import pickle
@@ -29,28 +30,25 @@ _MAX_LISTED = 20
 
 # Globals resolved to the real object: tensor rebuilding and plain data types, nothing that runs other code.
 _REAL_GLOBALS: dict[str, frozenset[str]] = {
-    "torch._utils": frozenset(
-        {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"}
-    ),
-    "torch._tensor": frozenset({"_rebuild_from_type_v2"}),
-    "torch": frozenset({"Size", "Tensor", "device"}),
-    "torch.nn.parameter": frozenset({"Parameter"}),
-    "collections": frozenset({"OrderedDict", "defaultdict", "deque", "Counter"}),
-    "builtins": frozenset(
-        {"set", "frozenset", "complex", "slice", "bytearray", "bytes", "object"}
-        | {"list", "dict", "tuple", "int", "float", "str", "bool"}
-    ),
-    "_codecs": frozenset({"encode"}),
-    "copyreg": frozenset({"_reconstructor"}),
-    "numpy": frozenset({"ndarray", "dtype"}),
-    "numpy.core.multiarray": frozenset({"_reconstruct", "scalar"}),
-    "numpy._core.multiarray": frozenset({"_reconstruct", "scalar"}),
+    module: frozenset(names.split())
+    for module, names in {
+        "torch._utils": "_rebuild_tensor _rebuild_tensor_v2 _rebuild_parameter _rebuild_parameter_with_state",
+        "torch._tensor": "_rebuild_from_type_v2",
+        "torch": "Size Tensor device",
+        "torch.nn.parameter": "Parameter",
+        "collections": "OrderedDict defaultdict deque Counter",
+        "builtins": "set frozenset complex slice bytearray bytes object list dict tuple int float str bool",
+        "_codecs": "encode",
+        "copyreg": "_reconstructor",
+        "numpy": "ndarray dtype",
+        "numpy.core.multiarray": "_reconstruct scalar",
+        "numpy._core.multiarray": "_reconstruct scalar",
+    }.items()
 }
 # Modules whose objects (configuration containers, enum members, paths, type hints) become inert stand-ins.
 _STAND_IN_ROOTS = frozenset(
     {"argparse", "omegaconf", "enum", "pathlib", "fairseq", "one_peace", "typing", "collections"}
 )
-_MODULE_RENAMES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
 class _StandIn:
@@ -105,7 +103,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._stand_ins: dict[str, type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        module = _MODULE_RENAMES.get(module, module)
+        # Protocol 0-2 pickles may use Python 2 names (__builtin__, commands, ...): map them as pickle does.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if name in _REAL_GLOBALS.get(module, ()):
             return getattr(importlib.import_module(module), name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
@@ -135,29 +136,35 @@ def _restricted_pickle_module() -> types.ModuleType:
     return module
 
 
+def _key(key: Any) -> Any:
+    return key if isinstance(key, (str, int, float, bool, type(None))) else repr(key)
+
+
 def _plain_stand_in(obj: _StandIn, active: set[int]) -> Any:
     state, args = obj._state, obj._args
     if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
         state = {**(state[0] or {}), **state[1]}
     if obj._origin.startswith("omegaconf.") and isinstance(state, dict):
         if "_content" in state:
-            return _plain(state["_content"], active)
+            return to_plain(state["_content"], active)
         if "_val" in state:
-            return _plain(state["_val"], active)
+            return to_plain(state["_val"], active)
     if obj._origin.startswith("pathlib.") and args and all(isinstance(a, str) for a in args):
         return str(PurePath(*args))
     if isinstance(state, dict):
-        return {str(k): _plain(v, active) for k, v in state.items()}
+        return {str(k): to_plain(v, active) for k, v in state.items()}
     if obj._items:
-        return {_plain(k, active): _plain(v, active) for k, v in obj._items.items()}
+        return {_key(to_plain(k, active)): to_plain(v, active) for k, v in obj._items.items()}
     if obj._list:
-        return [_plain(v, active) for v in obj._list]
+        return [to_plain(v, active) for v in obj._list]
     if len(args) == 1:
-        return _plain(args[0], active)
-    return [_plain(a, active) for a in args] if args else {}
+        return to_plain(args[0], active)
+    return [to_plain(a, active) for a in args] if args else {}
 
 
-def _plain(obj: Any, active: set[int]) -> Any:
+def to_plain(obj: Any, active: set[int] | None = None) -> Any:
+    """Turn loaded configuration data (stand-ins included) into plain dicts, lists and scalars."""
+    active = set() if active is None else active
     if obj is None or isinstance(obj, (str, bytes, bool, int, float, complex, torch.Tensor)):
         return obj
     if isinstance(obj, type):
@@ -169,24 +176,13 @@ def _plain(obj: Any, active: set[int]) -> Any:
         if isinstance(obj, _StandIn):
             return _plain_stand_in(obj, active)
         if isinstance(obj, Mapping):
-            out = {}
-            for key, value in obj.items():
-                key = _plain(key, active)
-                out[key if isinstance(key, (str, int, float, bool, type(None))) else repr(key)] = _plain(
-                    value, active
-                )
-            return out
+            return {_key(to_plain(k, active)): to_plain(v, active) for k, v in obj.items()}
         if isinstance(obj, (list, tuple, set, frozenset)) or type(obj).__name__ == "deque":
-            items = [_plain(v, active) for v in obj]
+            items = [to_plain(v, active) for v in obj]
             return tuple(items) if isinstance(obj, tuple) else items
         return obj
     finally:
         active.discard(id(obj))
-
-
-def to_plain(obj: Any) -> Any:
-    """Turn loaded configuration data (stand-ins included) into plain dicts, lists and scalars."""
-    return _plain(obj, set())
 
 
 def _listing(names: list[str]) -> str:

@@ -14,7 +14,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from onepeace.errors import CheckpointError
 
@@ -151,71 +150,3 @@ def resample_rel_pos_table_2d(table: torch.Tensor, new_grid: int) -> torch.Tenso
     resampled = np.einsum("ai,ijh,bj->abh", m, core, m).reshape(dst_side * dst_side, heads)
     new_core = torch.from_numpy(resampled).to(device=table.device, dtype=table.dtype)
     return torch.cat([new_core, table[-SPECIAL_ROWS:].detach()], dim=0)
-
-
-def resize_abs_pos_2d(pos: torch.Tensor, new_grid: int) -> torch.Tensor:
-    """Bicubically resize an absolute image position table to a new grid side.
-
-    ``pos``: ``[g*g + 1, D]`` (row 0 = cls, then the ``g x g`` grid row-major). Returns
-    ``[new_grid^2 + 1, D]``: the cls row unchanged and the grid resized with
-    ``interpolate(mode="bicubic", align_corners=False)`` computed in float32, cast back to ``pos.dtype``.
-    Returns ``pos`` itself when ``new_grid == g``. Differentiable (used on the fly at every forward).
-    """
-    if pos.ndim != 2:
-        raise ValueError(f"position table must be 2-D [rows, dim], got shape {tuple(pos.shape)}")
-    g = math.isqrt(pos.shape[0] - 1)
-    if g * g != pos.shape[0] - 1 or g < 1:
-        raise ValueError(f"position table has {pos.shape[0]} rows; expected g*g + 1")
-    if not isinstance(new_grid, int) or new_grid < 1:
-        raise ValueError(f"new_grid must be a positive int, got {new_grid!r}")
-    if new_grid == g:
-        return pos
-    dim = pos.shape[1]
-    grid = pos[1:].float().reshape(1, g, g, dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(new_grid * new_grid, dim).to(pos.dtype)
-    return torch.cat([pos[:1], grid], dim=0)
-
-
-def image_rel_pos_index(grid: int) -> torch.Tensor:
-    """Index matrix ``[grid^2 + 1, grid^2 + 1]`` (int64) into a 2-D table with ``rows = (2*grid-1)^2 + 3``.
-
-    Patch ``p = (h1, w1)`` (query) and ``q = (h2, w2)`` (key), flattened row-major after the cls slot, get
-    ``(h1 - h2 + grid - 1) * (2*grid - 1) + (w1 - w2 + grid - 1)``; row 0 is ``rows - 3``, column 0 is
-    ``rows - 2`` and cell (0, 0) is ``rows - 1``.
-    """
-    if not isinstance(grid, int) or grid < 1:
-        raise ValueError(f"grid must be a positive int, got {grid!r}")
-    side = 2 * grid - 1
-    rows = side * side + SPECIAL_ROWS
-    hh, ww = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    h, w = hh.reshape(-1), ww.reshape(-1)
-    out = torch.empty(grid * grid + 1, grid * grid + 1, dtype=torch.long)
-    out[1:, 1:] = (h[:, None] - h[None, :] + grid - 1) * side + (w[:, None] - w[None, :] + grid - 1)
-    out[0, :] = rows - 3
-    out[:, 0] = rows - 2
-    out[0, 0] = rows - 1
-    return out
-
-
-def text_audio_rel_pos_index(bucket_size: int, max_positions: int = 1024) -> torch.Tensor:
-    """Log-bucketed 1-D index ``[max_positions, max_positions]`` (int64) into a ``2*bucket_size + 2`` table.
-
-    With ``r = i - j`` (query minus key) and ``m = bucket_size // 2``: ``b = r`` if ``|r| <= m``, else
-    ``sign(r) * (m + ceil(ln(|r|/m) / ln((max_positions-1)/m) * (m-1)))``; index ``b + bucket_size - 1``.
-    Row 0 is ``2*bucket_size - 1``, column 0 is ``2*bucket_size`` and cell (0, 0) is ``2*bucket_size + 1``.
-    """
-    if not isinstance(bucket_size, int) or bucket_size < 4 or bucket_size % 2:
-        raise ValueError(f"bucket_size must be an even int >= 4, got {bucket_size!r}")
-    m = bucket_size // 2
-    pos = torch.arange(max_positions, dtype=torch.long)
-    rel = pos[:, None] - pos[None, :]
-    mag = rel.abs()
-    far = torch.clamp(mag, min=m).to(torch.float32) / m
-    log_bucket = torch.ceil(torch.log(far) / math.log((max_positions - 1) / m) * (m - 1)).long() + m
-    bucket = torch.where(mag <= m, rel, torch.sign(rel) * log_bucket)
-    out = bucket + bucket_size - 1
-    out[0, :] = 2 * bucket_size - 1
-    out[:, 0] = 2 * bucket_size
-    out[0, 0] = 2 * bucket_size + 1
-    return out

@@ -46,6 +46,8 @@ def _open_pil(opener: Any, name: str) -> Image.Image:
         raise InputError(
             f"{name}: image is too large, refusing a possible decompression bomb ({exc})"
         ) from exc
+    except PermissionError as exc:
+        raise InputError(f"{name}: cannot read the file ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise InputError(f"{name}: not a readable image (unknown or unsupported format)") from exc
     except Exception as exc:  # any decoder failure on user data is an input problem

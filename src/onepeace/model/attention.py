@@ -35,8 +35,10 @@ class SelfAttention(nn.Module):
             ``[B, S, D]``.
         """
         b, s, d = x.shape
-        q, k, v = (proj(x).view(b, s, self.heads, d // self.heads).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # each [b, h, s, e]
+        q, k, v = (
+            proj(x).view(b, s, self.heads, d // self.heads).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )  # each [b, h, s, e]
         if bias is not None:
             bias = bias.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [b, h, s, e]

@@ -27,7 +27,9 @@ def sequence_rel_pos_index(bucket_size: int, max_positions: int = 1024) -> torch
     Returns:
         ``[max_positions, max_positions]`` int64 with values in ``[0, 2 * bucket_size + 1]``.
     """
-    pos = torch.arange(max_positions, dtype=torch.long, device="cpu")  # index buffers live on CPU even under a meta-device context
+    pos = torch.arange(
+        max_positions, dtype=torch.long, device="cpu"
+    )  # index buffers live on CPU even under a meta-device context
     rel = pos[:, None] - pos[None, :]  # [P, P], query minus key
     mid = bucket_size // 2
     mag = rel.abs().clamp(min=1).to(torch.float64)
@@ -64,7 +66,11 @@ def resize_grid_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
 
     The ``g x g`` part is resized bicubically (``align_corners=False``) in float32; the cls row is kept.
     """
+    if pos_embed.ndim != 2:
+        raise ValueError(f"position table must be [rows, D], got shape {tuple(pos_embed.shape)}")
     old = math.isqrt(pos_embed.shape[0] - 1)
+    if old * old != pos_embed.shape[0] - 1:
+        raise ValueError(f"position table has {pos_embed.shape[0]} rows; expected g*g + 1")
     if old == grid:
         return pos_embed
     cls_row, patches = pos_embed[:1], pos_embed[1:]

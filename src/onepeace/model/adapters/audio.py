@@ -41,8 +41,14 @@ def feature_extractor(layers: tuple[tuple[int, int, int], ...]) -> nn.Sequential
 def conv_positions(dim: int, depth: int, kernel: int, groups: int) -> nn.Sequential:
     """Convolutional positional embedding: ``depth`` grouped convs with LayerNorm (no affine) and GELU."""
     return nn.Sequential(
-        *(ConvBlock(nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups), affine=False,
-                    trim_last=kernel % 2 == 0) for _ in range(depth))
+        *(
+            ConvBlock(
+                nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups),
+                affine=False,
+                trim_last=kernel % 2 == 0,
+            )
+            for _ in range(depth)
+        )
     )
 
 
