@@ -148,7 +148,7 @@ def _variant(name: str) -> tuple[OnePeaceConfig, dict, dict]:
     return cfg, *_torch_entries(list(model.named_parameters()))
 
 
-def _native(root: Path) -> tuple[OnePeaceConfig, dict, dict]:
+def native_shapes(root: Path) -> tuple[OnePeaceConfig, dict, dict]:
     """Config and tensor shapes of a native directory from the safetensors header (no tensor data read)."""
     from safetensors import SafetensorError, safe_open
 
@@ -188,7 +188,7 @@ def describe(target: str) -> dict[str, Any]:
         cfg, shapes, entries = _variant(target)
     elif is_native_dir(target):
         kind, path = "native checkpoint directory", Path(target)
-        cfg, shapes, entries = _native(path)
+        cfg, shapes, entries = native_shapes(path)
     else:
         from onepeace.loading import read_weights
 
@@ -222,7 +222,7 @@ def _gib(nbytes: int) -> str:
 
 def _config_line(cfg: dict[str, Any]) -> str:
     width, heads, image = cfg["embed_dim"], cfg["heads"], cfg["image"]["image_size"]
-    tables = "one per layer" if cfg["per_layer_rel_pos"] else "shared by all layers"
+    tables = "per layer" if cfg["per_layer_rel_pos"] else "shared (one per modality)"
     return (
         f"config: width {width}, {cfg['layers']} layers, {heads} heads (head dim {width // heads}), "
         f"FFN {cfg['ffn_dim']}, image {image}x{image} ({image // 16}x{image // 16} patches), "

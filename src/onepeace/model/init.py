@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -9,8 +11,11 @@ TRUNC_STD = 0.02
 
 
 def trunc_normal_(tensor: torch.Tensor, std: float = TRUNC_STD) -> torch.Tensor:
-    """Normal(0, std) truncated at +-1 std (the official truncation, not +-2 std)."""
-    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-std, b=std)
+    """Normal(0, std) truncated at +-1 std (the official truncation, not +-2 std), by inverse-CDF sampling."""
+    edge = math.erf(1.0 / math.sqrt(2.0))  # 2 * Phi(1) - 1: the uniform range that maps onto [-1, 1] std
+    with torch.no_grad():
+        tensor.uniform_(-edge, edge).erfinv_().mul_(std * math.sqrt(2.0)).clamp_(-std, std)
+    return tensor
 
 
 def init_weights(model: nn.Module) -> None:

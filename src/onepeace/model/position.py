@@ -7,6 +7,7 @@ the cls slot, which gets three dedicated rows: cls as query, cls as key, and cls
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +26,13 @@ def sequence_rel_pos_index(bucket_size: int, max_positions: int = 1024) -> torch
     """Log-bucketed 1-D relative-position index for text and audio.
 
     Returns:
-        ``[max_positions, max_positions]`` int64 with values in ``[0, 2 * bucket_size + 1]``.
+        ``[max_positions, max_positions]`` int64 with values in ``[0, 2 * bucket_size + 1]`` (a fresh copy).
     """
+    return _sequence_rel_pos_index(bucket_size, max_positions).clone()
+
+
+@lru_cache(maxsize=8)
+def _sequence_rel_pos_index(bucket_size: int, max_positions: int) -> torch.Tensor:
     pos = torch.arange(
         max_positions, dtype=torch.long, device="cpu"
     )  # index buffers live on CPU even under a meta-device context

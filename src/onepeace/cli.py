@@ -1,0 +1,97 @@
+"""Command line: ``onepeace embed | convert | info`` (also ``python -m onepeace``).
+
+Parsing and ``--help`` import nothing heavy; torch and the model are imported by the command that needs them.
+Errors end the run with one line ``onepeace: error: <message>`` on stderr and exit code 2 (``--debug`` shows
+the traceback); ``embed`` exits with 1 when nothing could be embedded; an interrupt exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+
+from onepeace import cli_embed
+from onepeace.errors import OnePeaceError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+_HANDLED = (OnePeaceError, ValueError, TypeError, OSError, KeyError)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    """The ``convert`` command: official ``.pt`` -> native directory; prints the files and parameter count."""
+    import onepeace
+    from onepeace.inspect import describe
+
+    out = onepeace.convert(args.checkpoint, args.out_dir)
+    info = describe(str(out))
+    print(f"converted {args.checkpoint} -> {out}")
+    for name, size in info["files"].items():
+        print(f"  wrote {out / name} ({size:,} bytes)")
+    dtypes = ", ".join(info["dtypes"])
+    print(f"parameters: {info['parameters']['total']:,} ({dtypes}, {info['bytes']:,} bytes)")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    """The ``info`` command: config, parameter counts by part and branch, dtypes and sizes."""
+    from onepeace.inspect import describe, format_info
+
+    info = describe(args.target)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with its three subcommands."""
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show full tracebacks of errors")
+    parser = argparse.ArgumentParser(
+        prog="onepeace", parents=[debug],
+        description="ONE-PEACE: one embedding space for images, audio and text.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    cli_embed.add_parser(sub, [debug])
+    p = sub.add_parser("convert", parents=[debug], help="convert an official .pt checkpoint to a model folder",
+                       description="Convert an official ONE-PEACE .pt checkpoint into a folder with "
+                       "model.safetensors and config.json (loads without pickle).")
+    p.add_argument("checkpoint", metavar="OFFICIAL.pt", help="official fairseq checkpoint")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (created if missing)")
+    p.set_defaults(handler=_convert)
+    p = sub.add_parser("info", parents=[debug], help="describe a variant or checkpoint without loading it",
+                       description="Show the config, parameter counts (total, per branch and per part), dtypes "
+                       "and sizes of a variant name, a converted folder or an official .pt checkpoint.")
+    p.add_argument("target", metavar="VARIANT_OR_PATH", help="variant name, model folder or official .pt")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=_info)
+    return parser
+
+
+def _message(exc: BaseException) -> str:
+    """One line describing ``exc`` (a ``KeyError`` without its quotes)."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    args.debug = getattr(args, "debug", False)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("onepeace: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _HANDLED as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"onepeace: error: {_message(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+

@@ -1,0 +1,79 @@
+"""Packaging checks: shipped data, CI command, fixture copies, no CUDA packages, a light import."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import re
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "fixtures"
+BPE_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "dict.txt": "2c31c5b236661067fe8626775eb995ef5fe808ac87d2ad4a6ddbef68550f5cc6",
+}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("name", sorted(BPE_SHA256))
+def test_bpe_files_ship_in_the_package(name: str) -> None:
+    data = resources.files("onepeace").joinpath("assets", "bpe", name).read_bytes()
+    assert sha256(data) == BPE_SHA256[name]
+    assert resources.files("onepeace").joinpath("assets", "bpe", "NOTICE.md").is_file()
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n# (\d)\. [^\n]*\n(.+?)\n```", readme, flags=re.S)
+    commands = dict(blocks)
+    assert set(commands) == {"1", "2"}
+    assert "pytest" in commands["2"] and "pip install torch==2.13.0" in commands["2"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "# 2\\." in ci and "bash -euo pipefail -c" in ci
+
+
+def test_no_cuda_packages_installed() -> None:
+    names = {(d.metadata["Name"] or "").lower() for d in importlib.metadata.distributions()}
+    cuda = sorted(n for n in names if n.startswith(("nvidia-", "cuda-", "triton")))
+    assert cuda == []
+    assert "+cu" not in importlib.metadata.version("torch")
+
+
+def test_import_is_light() -> None:
+    code = "import sys, onepeace; assert 'torch' not in sys.modules, 'torch imported'; print(onepeace.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="the shared fixtures are not beside this checkout")
+def test_fixture_copies_match_the_originals() -> None:
+    import gzip
+
+    import torch
+    from official import TINY, full_state_dict, inputs, outputs
+    from safetensors.torch import load
+
+    for name in ("inputs.safetensors", "outputs.safetensors"):
+        assert sha256((TINY / name).read_bytes()) == sha256((SHARED / "official_tiny" / name).read_bytes())
+    original = load(gzip.open(SHARED / "official_tiny" / "state_dict.safetensors.gz").read())
+    rebuilt = full_state_dict()
+    assert set(original) == set(rebuilt)
+    tokens = torch.unique(inputs()["text.tokens"])  # the only token rows the fixture keeps
+    for key, value in original.items():
+        if key.endswith("embed_tokens.weight"):
+            assert torch.equal(value[tokens], rebuilt[key][tokens])
+        else:
+            assert torch.equal(value, rebuilt[key]), key
+    assert len(outputs()) == 71
+    tok = (Path(__file__).parent / "fixtures" / "official_bpe" / "tokenization.json").read_bytes()
+    assert tok == (SHARED / "official_bpe" / "tokenization.json").read_bytes()
