@@ -17,7 +17,7 @@ from PIL import Image
 
 import onepeace
 from onepeace.cli import main
-from onepeace.inspect import parameter_breakdown
+from onepeace.info import parameter_breakdown
 from onepeace.model import OnePeaceModel
 from onepeace.variants import VARIANTS
 

@@ -129,6 +129,7 @@ def test_raw_inputs_through_public_api(tiny_model) -> None:
     tokens = tiny_model.tokenize(TEXTS)
     assert torch.equal(tokens, IN["text.tokens"])
     close(tiny_model.embed(text=TEXTS).text, "text.embedding", EMBED)
+    close(tiny_model.embed(text=TEXTS, batch_size=1).text, "text.embedding", EMBED)  # text ignores padding
     clips = [IN[f"audio.raw_waveform_{i}"].numpy() for i in range(3)]
     waveform, padding_mask = tiny_model.preprocess_audio(clips, sample_rate=16000)
     assert torch.equal(waveform, IN["audio.waveform"])

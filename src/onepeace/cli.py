@@ -23,7 +23,7 @@ _HANDLED = (OnePeaceError, ValueError, TypeError, OSError, KeyError)
 def _convert(args: argparse.Namespace) -> int:
     """The ``convert`` command: official ``.pt`` -> native directory; prints the files and parameter count."""
     import onepeace
-    from onepeace.inspect import describe
+    from onepeace.info import describe
 
     out = onepeace.convert(args.checkpoint, args.out_dir)
     info = describe(str(out))
@@ -37,7 +37,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     """The ``info`` command: config, parameter counts by part and branch, dtypes and sizes."""
-    from onepeace.inspect import describe, format_info
+    from onepeace.info import describe, format_info
 
     info = describe(args.target)
     print(json.dumps(info, indent=2) if args.json else format_info(info))

@@ -1,6 +1,8 @@
 """``onepeace embed``: embed files, folders and texts into ``OUT.npy`` + ``OUT.jsonl``.
 
-Heavy modules (numpy, torch, the model) are imported only when the command runs.
+Heavy modules (numpy, torch, the model) are imported only when the command runs. The default ``--model`` is
+``onepeace-tiny``, a small randomly initialised variant that makes the command runnable without weights; its
+embeddings carry no meaning, so real use passes an official ``.pt`` or a converted folder.
 """
 
 from __future__ import annotations
@@ -61,10 +63,11 @@ def _text_lines(path: Path, out: Collected, strict: bool) -> None:
     """Append one text item per non-empty line; an undecodable file is skipped (or raises if ``strict``)."""
     try:
         content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
+    except (UnicodeDecodeError, OSError) as exc:
+        reason = f"not a UTF-8 text file ({exc.reason})" if isinstance(exc, UnicodeDecodeError) else str(exc)
         if strict:
-            raise ValueError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
-        warn(f"skipped {path}: not a UTF-8 text file ({exc.reason})")
+            raise ValueError(f"{path}: {reason}") from None
+        warn(f"skipped {path}: {reason}")
         out.skipped += 1
         return
     for number, line in enumerate(content.splitlines(), start=1):
@@ -126,9 +129,14 @@ def _reason(item: Item, exc: BaseException) -> str:
 
 
 def _run(model: Any, modality: str, payloads: list[str]) -> Any:
-    """``[B, D]`` float32 numpy embeddings of a single-modality batch."""
-    out = getattr(model.embed(**{modality: payloads}), modality)
-    return out.detach().float().cpu().numpy()
+    """``[B, D]`` float32 numpy embeddings of a single-modality batch (re-normalised if computed in low precision)."""
+    import torch
+    import torch.nn.functional as F
+
+    out = getattr(model.embed(**{modality: payloads}), modality).detach()
+    if out.dtype != torch.float32:
+        out = F.normalize(out.float(), dim=-1)
+    return out.cpu().numpy()
 
 
 def embed_items(model: Any, items: list[Item], batch_size: int, quiet: bool, debug: bool) -> tuple[dict, int]:
@@ -197,9 +205,16 @@ def write_outputs(items: list[Item], vectors: dict[int, Any], npy: Path, jsonl: 
 
 def load_model(name: str, device: str | None, dtype: str | None, image_size: int | None) -> Any:
     """``onepeace.load`` plus a move to ``device``; a device torch cannot use becomes a ``ValueError``."""
+    import torch
+
     import onepeace
     from onepeace.variants import VARIANTS
 
+    if device is not None:
+        try:
+            torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(f"cannot use device {device!r}: {' '.join(str(exc).split())}") from None
     model = onepeace.load(name, image_size=image_size, dtype=dtype)
     if name in VARIANTS:
         warn(f"{name} is a randomly initialised variant: its embeddings carry no meaning")

@@ -237,7 +237,7 @@ def format_info(info: dict[str, Any]) -> str:
     lines = [f"{info['name']}: {info['kind']}"]
     lines += [f"  file {name}: {_n(size)} bytes" for name, size in info["files"].items()]
     lines += [_config_line(cfg), f"parameters: {_n(counts['total'])}"]
-    lines.append("branches (adapter + shared encoder + FFNs + final norm, as counted in spec §1.2):")
+    lines.append("branches (adapter + FFNs + final norm of the modality + the shared encoder; no projection):")
     for m in mods:
         lines.append(
             f"  {_BRANCH_NAMES.get(m, m) + ' branch':<30}{_n(counts['modalities'][m]['branch']):>16}"
@@ -250,7 +250,7 @@ def format_info(info: dict[str, Any]) -> str:
         (f"FFNs (x{layers})", "ffn"),
         ("final norm", "final_norm"),
         ("projection", "projection"),
-        ("own (sum of the above)", "own"),
+        ("modality-specific total", "own"),
     ]
     for label, key in rows:
         lines.append(f"  {label:<30}" + "".join(f"{_n(counts['modalities'][m][key]):>16}" for m in mods))
