@@ -223,7 +223,7 @@ def test_nothing_embedded_exits_1(official_pt: Path, tmp_path: Path, capsys: pyt
     [
         ["embed", "/nonexistent/input.png"],
         ["embed", "--text", "hi", "--model", "/nonexistent/model.pt"],
-        ["embed", "--text", "hi", "--out", "/nonexistent/dir/prefix"],
+        ["embed", "--text", "hi", "--out", "/dev/null/dir/prefix"],
         ["embed"],
         ["info", "no-such-variant"],
         ["convert", "/nonexistent/checkpoint.pt", "/nonexistent/out"],

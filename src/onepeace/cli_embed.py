@@ -178,8 +178,10 @@ def output_paths(prefix: str) -> tuple[Path, Path]:
             prefix = prefix[: -len(suffix)]
             break
     npy, jsonl = Path(prefix + ".npy"), Path(prefix + ".jsonl")
-    if not npy.parent.is_dir():
-        raise FileNotFoundError(f"output folder does not exist: {npy.parent}")
+    try:
+        npy.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot create the output folder {npy.parent}: {exc.strerror or exc}") from None
     return npy, jsonl
 
 
