@@ -51,9 +51,7 @@ def full_state_dict() -> dict[str, torch.Tensor]:
 def inference_state_dict() -> dict[str, torch.Tensor]:
     """The 140 entries an official retrieval checkpoint holds (no pretraining-only keys)."""
     return {
-        k: v
-        for k, v in full_state_dict().items()
-        if not k.startswith(("decoder_wrapper",) + PRETRAIN_ONLY_PREFIXES)
+        k: v for k, v in full_state_dict().items() if not k.startswith(("decoder_wrapper",) + PRETRAIN_ONLY_PREFIXES)
     }
 
 

@@ -99,8 +99,18 @@ def test_usage_error_returns_2(capsys: pytest.CaptureFixture) -> None:
 def test_info_4b_matches_spec(capsys: pytest.CaptureFixture) -> None:
     assert main(["info", "onepeace-4b"]) == 0
     out = capsys.readouterr().out
-    for number in ["3,884,740,545", "3,390,816", "19,040,816", "78,008,880", "1,133,015,040", "377,794,560",
-                   "368,640", "9,216", "7,082,497", "1,514,572,128"]:
+    for number in [
+        "3,884,740,545",
+        "3,390,816",
+        "19,040,816",
+        "78,008,880",
+        "1,133,015,040",
+        "377,794,560",
+        "368,640",
+        "9,216",
+        "7,082,497",
+        "1,514,572,128",
+    ]:
         assert number in out, number
     assert "float32" in out and "bfloat16" in out and "GiB" in out
 
@@ -113,7 +123,10 @@ def test_parameter_breakdown_4b() -> None:
     mods, shared = counts["modalities"], counts["shared"]
     assert counts["total"] == 3_884_740_545 and not counts["other"]
     assert (mods["image"]["adapter"], mods["audio"]["adapter"], mods["text"]["adapter"]) == (
-        3_390_816, 19_040_816, 78_008_880)
+        3_390_816,
+        19_040_816,
+        78_008_880,
+    )
     assert all(mods[m]["ffn"] == 1_133_015_040 for m in mods)
     assert (shared["attention"], shared["norms_layer_scale"]) == (377_794_560, 368_640)
     assert (counts["final_norms"], counts["projections_logit_scale"]) == (9_216, 7_082_497)

@@ -26,17 +26,13 @@ def test_every_official_key_is_sorted() -> None:
 
 
 def test_legacy_and_per_layer_table_names() -> None:
-    assert (
-        to_ours("encoder_wrapper.image_adapter.rel_pos_table.weight")
-        == "adapters.image.rel_pos.tables.0.weight"
-    )
+    assert to_ours("encoder_wrapper.image_adapter.rel_pos_table.weight") == "adapters.image.rel_pos.tables.0.weight"
     assert (
         to_ours("encoder_wrapper.audio_adapter.rel_pos_table_list.39.weight")
         == "adapters.audio.rel_pos.tables.39.weight"
     )
     assert (
-        to_ours("encoder_wrapper.audio_adapter.embed_positions.5.0.weight")
-        == "adapters.audio.conv_pos.4.conv.weight"
+        to_ours("encoder_wrapper.audio_adapter.embed_positions.5.0.weight") == "adapters.audio.conv_pos.4.conv.weight"
     )
 
 
@@ -127,9 +123,7 @@ def test_checkpoint_of_another_architecture(tmp_path: Path) -> None:
 def test_official_checkpoint_with_wrong_shapes(tmp_path: Path) -> None:
     sd = official.inference_state_dict()
     sd["encoder_wrapper.fusion_model.layers.1.image_ffn.3.weight"] = torch.zeros(64, 128)
-    with pytest.raises(
-        CheckpointError, match=r"encoder.layers.1.ffn.image.out.weight: checkpoint \(64, 128\)"
-    ):
+    with pytest.raises(CheckpointError, match=r"encoder.layers.1.ffn.image.out.weight: checkpoint \(64, 128\)"):
         onepeace.load(official.write_official_checkpoint(tmp_path / "bad.pt", sd))
 
 
@@ -147,9 +141,7 @@ def test_converted_dir_with_wrong_shape(tmp_path: Path, converted_dir: Path) -> 
     tensors = load_file(converted_dir / "model.safetensors")
     tensors["projections.text.weight"] = torch.zeros(64, 32)
     save_file(tensors, bad / "model.safetensors")
-    with pytest.raises(
-        CheckpointError, match=r"projections.text.weight: checkpoint \(64, 32\) vs model \(64, 64\)"
-    ):
+    with pytest.raises(CheckpointError, match=r"projections.text.weight: checkpoint \(64, 32\) vs model \(64, 64\)"):
         onepeace.load(bad)
 
 
@@ -176,3 +168,21 @@ def test_converted_dir_with_corrupt_weights(tmp_path: Path, converted_dir: Path)
 def test_directory_without_config(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="without config.json"):
         onepeace.load(tmp_path)
+
+
+def test_per_layer_tables_load(tmp_path: Path) -> None:
+    """Fine-tuned files hold one table per layer (``rel_pos_table_list.{0..L-1}``): the model follows the file."""
+    sd = official.inference_state_dict()
+    for m in ("text", "image", "audio"):
+        sd[f"encoder_wrapper.{m}_adapter.rel_pos_table_list.1.weight"] = sd[
+            f"encoder_wrapper.{m}_adapter.rel_pos_table_list.0.weight"
+        ].clone()
+    model = onepeace.load(official.write_official_checkpoint(tmp_path / "per_layer.pt", sd), image_size=96)
+    assert model.cfg.per_layer_rel_pos and len(model.model.adapters["image"].rel_pos.tables) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.encode_image(official.inputs()["image96.pixels"]),
+            official.outputs()["res96.image.embedding"],
+            atol=1e-5,
+            rtol=1e-5,
+        )

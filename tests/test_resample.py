@@ -63,9 +63,7 @@ def test_index_ranges():
     idx = grid_rel_pos_index(16)
     assert idx.shape == (257, 257) and int(idx.min()) == 0 and int(idx.max()) == 31 * 31 + 2
     text = sequence_rel_pos_index(256, 300)
-    assert (
-        text.shape == (300, 300) and int(text[1:, 1:].max()) <= 2 * 256 - 2 and int(text[1:, 1:].min()) >= 0
-    )
+    assert text.shape == (300, 300) and int(text[1:, 1:].max()) <= 2 * 256 - 2 and int(text[1:, 1:].min()) >= 0
 
 
 @pytest.mark.parametrize(("src", "dst"), [(7, 11), (31, 47), (31, 63), (5, 9), (9, 5), (31, 15)])
@@ -120,9 +118,7 @@ def test_shrinking_uses_same_interpolation_close_to_central_crop():
     side, heads = 31, 2
     r = torch.arange(side, dtype=torch.float64) - 15
     smooth = torch.sin(r[:, None] / 9.0) + torch.cos(r[None, :] / 7.0)
-    table = torch.cat(
-        [smooth.reshape(-1, 1).repeat(1, heads), torch.full((3, heads), 7.0, dtype=torch.float64)]
-    )
+    table = torch.cat([smooth.reshape(-1, 1).repeat(1, heads), torch.full((3, heads), 7.0, dtype=torch.float64)])
     small = resample_rel_pos_table_2d(table, 8)  # 31 -> 15
     assert small.shape == (15 * 15 + 3, heads)
     assert torch.equal(small[-3:], table[-3:])

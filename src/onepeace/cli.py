@@ -47,23 +47,31 @@ def _info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with its three subcommands."""
     debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="show full tracebacks of errors")
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks of errors")
     parser = argparse.ArgumentParser(
-        prog="onepeace", parents=[debug],
+        prog="onepeace",
+        parents=[debug],
         description="ONE-PEACE: one embedding space for images, audio and text.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     cli_embed.add_parser(sub, [debug])
-    p = sub.add_parser("convert", parents=[debug], help="convert an official .pt checkpoint to a model folder",
-                       description="Convert an official ONE-PEACE .pt checkpoint into a folder with "
-                       "model.safetensors and config.json (loads without pickle).")
+    p = sub.add_parser(
+        "convert",
+        parents=[debug],
+        help="convert an official .pt checkpoint to a model folder",
+        description="Convert an official ONE-PEACE .pt checkpoint into a folder with "
+        "model.safetensors and config.json (loads without pickle).",
+    )
     p.add_argument("checkpoint", metavar="OFFICIAL.pt", help="official fairseq checkpoint")
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (created if missing)")
     p.set_defaults(handler=_convert)
-    p = sub.add_parser("info", parents=[debug], help="describe a variant or checkpoint without loading it",
-                       description="Show the config, parameter counts (total, per branch and per part), dtypes "
-                       "and sizes of a variant name, a converted folder or an official .pt checkpoint.")
+    p = sub.add_parser(
+        "info",
+        parents=[debug],
+        help="describe a variant or checkpoint without loading it",
+        description="Show the config, parameter counts (total, per branch and per part), dtypes "
+        "and sizes of a variant name, a converted folder or an official .pt checkpoint.",
+    )
     p.add_argument("target", metavar="VARIANT_OR_PATH", help="variant name, model folder or official .pt")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=_info)
@@ -94,4 +102,3 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"onepeace: error: {_message(exc)}", file=sys.stderr)
         return EXIT_ERROR
-

@@ -124,7 +124,7 @@ def _reason(item: Item, exc: BaseException) -> str:
     message = " ".join(str(exc).split()) or type(exc).__name__
     for prefix in (f"{item.modality} 0 ({item.payload!r}): ", f"{item.modality} 0: "):
         if message.startswith(prefix):
-            return message[len(prefix):]
+            return message[len(prefix) :]
     return message
 
 
@@ -155,7 +155,7 @@ def embed_items(model: Any, items: list[Item], batch_size: int, quiet: bool, deb
         for modality in MODALITY_ORDER:
             indices = [i for i, item in enumerate(items) if item.modality == modality]
             for start in range(0, len(indices), batch_size):
-                batch = indices[start:start + batch_size]
+                batch = indices[start : start + batch_size]
                 try:
                     vectors.update(zip(batch, _run(model, modality, [items[i].payload for i in batch])))
                 except Exception:
@@ -238,14 +238,17 @@ def run(args: argparse.Namespace) -> int:
     vectors, failed = embed_items(model, found.items, args.batch_size, args.quiet, args.debug)
     skipped = found.skipped + failed
     if not vectors:
-        print(f"onepeace: error: nothing could be embedded ({skipped} skipped, {found.ignored} ignored)",
-              file=sys.stderr)
+        print(
+            f"onepeace: error: nothing could be embedded ({skipped} skipped, {found.ignored} ignored)", file=sys.stderr
+        )
         return 1
     shape = write_outputs(found.items, vectors, npy, jsonl)
     counts = {m: sum(1 for i in vectors if found.items[i].modality == m) for m in MODALITY_ORDER}
     per_modality = ", ".join(f"{m} {n}" for m, n in counts.items())
-    print(f"embedded {shape[0]} ({per_modality}); skipped {skipped}; ignored {found.ignored} unsupported "
-          f"file(s); wrote {npy} [{shape[0]} x {shape[1]}] and {jsonl}")
+    print(
+        f"embedded {shape[0]} ({per_modality}); skipped {skipped}; ignored {found.ignored} unsupported "
+        f"file(s); wrote {npy} [{shape[0]} x {shape[1]}] and {jsonl}"
+    )
     return 0
 
 
@@ -259,25 +262,42 @@ def _positive(value: str) -> int:
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Register the ``embed`` subcommand."""
     p = subparsers.add_parser(
-        "embed", parents=parents, help="embed images, audio and texts into OUT.npy + OUT.jsonl",
+        "embed",
+        parents=parents,
+        help="embed images, audio and texts into OUT.npy + OUT.jsonl",
         description="Embed files, folders and texts. Folders are walked recursively in sorted order; files are "
-        "classified by extension (images: " + " ".join(sorted(IMAGE_EXTENSIONS)) + "; audio: "
-        + " ".join(sorted(AUDIO_EXTENSIONS)) + "; .txt: one text per non-empty line). Rows follow the order: "
+        "classified by extension (images: "
+        + " ".join(sorted(IMAGE_EXTENSIONS))
+        + "; audio: "
+        + " ".join(sorted(AUDIO_EXTENSIONS))
+        + "; .txt: one text per non-empty line). Rows follow the order: "
         "positional inputs, then --text values, then --text-file lines. Unreadable files are skipped with a "
         "warning; files with other extensions inside folders are ignored.",
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image, audio or .txt files, or folders")
     p.add_argument("--text", action="append", metavar="STR", help="a text to embed (repeatable)")
     p.add_argument("--text-file", action="append", metavar="FILE", help="UTF-8 file, one text per line")
-    p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_VARIANT",
-                   help=f"official .pt, converted folder or variant name (default: {DEFAULT_MODEL}, a small "
-                   "randomly initialised test model; pass real weights for meaningful embeddings)")
-    p.add_argument("--out", default="embeddings", metavar="OUT_PREFIX",
-                   help="writes OUT_PREFIX.npy (float32 [N, D]) and OUT_PREFIX.jsonl (default: embeddings)")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="PATH_OR_VARIANT",
+        help=f"official .pt, converted folder or variant name (default: {DEFAULT_MODEL}, a small "
+        "randomly initialised test model; pass real weights for meaningful embeddings)",
+    )
+    p.add_argument(
+        "--out",
+        default="embeddings",
+        metavar="OUT_PREFIX",
+        help="writes OUT_PREFIX.npy (float32 [N, D]) and OUT_PREFIX.jsonl (default: embeddings)",
+    )
     p.add_argument("--batch-size", type=_positive, default=16, metavar="N", help="items per batch (default: 16)")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     p.add_argument("--dtype", help="parameter dtype: float32, bfloat16 or float16 (default: as stored)")
-    p.add_argument("--image-size", type=_positive, metavar="PIXELS",
-                   help="input image side, a multiple of 16 (default: the model's)")
+    p.add_argument(
+        "--image-size",
+        type=_positive,
+        metavar="PIXELS",
+        help="input image side, a multiple of 16 (default: the model's)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)

@@ -48,9 +48,7 @@ class ImageAdapterConfig:
 class AudioAdapterConfig:
     """Audio adapter (spec §2.2)."""
 
-    feature_layers: tuple[tuple[int, int, int], ...] = (
-        ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
-    )
+    feature_layers: tuple[tuple[int, int, int], ...] = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
     """Conv feature extractor blocks as (channels, kernel, stride)."""
     conv_pos_depth: int = 5
     """Blocks of the convolutional positional embedding."""

@@ -39,9 +39,7 @@ def _shapes(source: Any) -> dict[str, tuple[int, ...]]:
     if hasattr(source, "named_parameters"):
         return {name: tuple(p.shape) for name, p in source.named_parameters()}
     if not isinstance(source, Mapping):
-        raise TypeError(
-            f"expected a module or a mapping of name -> tensor/shape, got {type(source).__name__}"
-        )
+        raise TypeError(f"expected a module or a mapping of name -> tensor/shape, got {type(source).__name__}")
     out = {}
     for name, value in source.items():
         shape = value.shape if hasattr(value, "shape") else value
@@ -158,9 +156,7 @@ def native_shapes(root: Path) -> tuple[OnePeaceConfig, dict, dict]:
     try:
         info = json.loads((root / CONFIG).read_text())
         if not isinstance(info, dict) or info.get("format") != FORMAT or "config" not in info:
-            raise CheckpointError(
-                f"{root / CONFIG} is not a onepeace model config (expected format {FORMAT!r})"
-            )
+            raise CheckpointError(f"{root / CONFIG} is not a onepeace model config (expected format {FORMAT!r})")
         cfg = OnePeaceConfig.from_dict(info["config"])
     except (OSError, json.JSONDecodeError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{root / CONFIG}: cannot read the model config ({exc})") from exc
@@ -239,9 +235,7 @@ def format_info(info: dict[str, Any]) -> str:
     lines += [_config_line(cfg), f"parameters: {_n(counts['total'])}"]
     lines.append("branches (adapter + FFNs + final norm of the modality + the shared encoder; no projection):")
     for m in mods:
-        lines.append(
-            f"  {_BRANCH_NAMES.get(m, m) + ' branch':<30}{_n(counts['modalities'][m]['branch']):>16}"
-        )
+        lines.append(f"  {_BRANCH_NAMES.get(m, m) + ' branch':<30}{_n(counts['modalities'][m]['branch']):>16}")
     shared = counts["shared"]
     lines.append(f"  {f'shared encoder (x{layers})':<30}{_n(shared['total']):>16}")
     lines.append(f"{'part':<32}" + "".join(f"{m:>16}" for m in mods))

@@ -24,9 +24,7 @@ def read_weights(path: str | Path) -> tuple[OnePeaceConfig, dict[str, torch.Tens
     if p.is_dir():
         raise CheckpointError(f"{p} is a directory without config.json; expected a onepeace model directory")
     if not p.exists():
-        raise FileNotFoundError(
-            f"no such model file or directory: {p} (known variants: {', '.join(list_variants())})"
-        )
+        raise FileNotFoundError(f"no such model file or directory: {p} (known variants: {', '.join(list_variants())})")
     from onepeace.checkpoints.official import read_official
 
     cfg, tensors, _ = read_official(p)

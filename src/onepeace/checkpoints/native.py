@@ -26,9 +26,7 @@ def is_native_dir(path: str | Path) -> bool:
     return p.is_dir() and (p / CONFIG).is_file()
 
 
-def save_native(
-    model: nn.Module, cfg: OnePeaceConfig, out_dir: str | Path, metadata: dict | None = None
-) -> Path:
+def save_native(model: nn.Module, cfg: OnePeaceConfig, out_dir: str | Path, metadata: dict | None = None) -> Path:
     """Write ``model``'s parameters (contiguous, no buffers) and config to ``out_dir``; each file atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -46,9 +46,7 @@ def _modalities(report: KeyReport) -> tuple[Modality, ...]:
     present = {ours.split(".")[1] for ours in report.mapped.values() if ours.startswith("adapters.")}
     mods = tuple(m for m in Modality if m.value in present)
     if not mods:
-        raise CheckpointError(
-            "the checkpoint holds no ONE-PEACE adapter weights (no encoder_wrapper.*_adapter keys)"
-        )
+        raise CheckpointError("the checkpoint holds no ONE-PEACE adapter weights (no encoder_wrapper.*_adapter keys)")
     return mods
 
 
@@ -56,9 +54,7 @@ def config_from_official(cfg: dict, state_dict: dict[str, torch.Tensor], report:
     """Model config of an official checkpoint from its saved ``cfg`` and the shapes of its tensors."""
     enc = (cfg.get("model") or {}).get("encoder") or {}
     if not enc:
-        raise CheckpointError(
-            "the checkpoint's cfg has no model.encoder section; is it a ONE-PEACE checkpoint?"
-        )
+        raise CheckpointError("the checkpoint's cfg has no model.encoder section; is it a ONE-PEACE checkpoint?")
     mods = _modalities(report)
     ours = {v: k for k, v in report.mapped.items()}
     tables = [k for k in ours if ".rel_pos.tables." in k and k.startswith(f"adapters.{mods[0].value}.")]
@@ -67,9 +63,7 @@ def config_from_official(cfg: dict, state_dict: dict[str, torch.Tensor], report:
     text = enc.get("text_adapter") or {}
     pos = state_dict.get(ours.get("adapters.image.pos_embed", ""))
     pos_grid = math.isqrt(pos.shape[0] - 1) if pos is not None else int(image.get("bucket_size", 16))
-    image_size = int(
-        (cfg.get("task") or {}).get("patch_image_size") or 16 * int(image.get("rel_bucket_size", 16))
-    )
+    image_size = int((cfg.get("task") or {}).get("patch_image_size") or 16 * int(image.get("rel_bucket_size", 16)))
     tokens = state_dict.get(ours.get("adapters.text.token_embed.weight", ""))
     text_cfg = TextAdapterConfig(
         vocab_size=tokens.shape[0] if tokens is not None else 50264,
@@ -91,9 +85,7 @@ def config_from_official(cfg: dict, state_dict: dict[str, torch.Tensor], report:
         layers=int(enc["layers"]),
         heads=int(enc["attention_heads"]),
         ffn_dim=int(enc["ffn_embed_dim"]),
-        layer_scale_init=float(enc.get("layer_scale_init_value", 1e-6))
-        if enc.get("use_layer_scale", True)
-        else 0.0,
+        layer_scale_init=float(enc.get("layer_scale_init_value", 1e-6)) if enc.get("use_layer_scale", True) else 0.0,
         per_layer_rel_pos=len(tables) > 1,
         modalities=mods,
         text=text_cfg,

@@ -89,9 +89,7 @@ def _type_of(*args: Any) -> type:
 def _subscript(target: Any, item: Any) -> Any:
     stand_in = target if isinstance(target, type) else type(target)
     if not issubclass(stand_in, _StandIn):
-        raise CheckpointError(
-            f"its pickle calls operator.getitem on a {type(target).__name__}, which is not allowed"
-        )
+        raise CheckpointError(f"its pickle calls operator.getitem on a {type(target).__name__}, which is not allowed")
     return stand_in(item)
 
 
@@ -218,9 +216,7 @@ def _restricted_load(path: Path, is_zip: bool) -> Any:
     if is_zip:
         with zipfile.ZipFile(path) as archive:
             if any(name.endswith("constants.pkl") for name in archive.namelist()):
-                raise CheckpointError(
-                    f"refusing to load {path}: it is a TorchScript archive, not a checkpoint"
-                )
+                raise CheckpointError(f"refusing to load {path}: it is a TorchScript archive, not a checkpoint")
     try:
         return torch.load(
             str(path),
@@ -254,17 +250,13 @@ def _state_dict_from(payload: Any, path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a fairseq checkpoint dict")
     if "model" not in payload:
         keys = [str(k) for k in payload.keys()]
-        raise CheckpointError(
-            f"{path} has no 'model' entry; top-level keys found: {_listing(keys) or 'none'}"
-        )
+        raise CheckpointError(f"{path} has no 'model' entry; top-level keys found: {_listing(keys) or 'none'}")
     model = payload["model"]
     if not isinstance(model, Mapping):
         raise CheckpointError(f"the 'model' entry of {path} is a {type(model).__name__}, not a state dict")
     bad = [str(k) for k, v in model.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if bad:
-        raise CheckpointError(
-            f"the 'model' entry of {path} is not a dict of tensors; offending keys: {_listing(bad)}"
-        )
+        raise CheckpointError(f"the 'model' entry of {path} is not a dict of tensors; offending keys: {_listing(bad)}")
     return dict(model)
 
 
@@ -283,9 +275,7 @@ def read_official_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
             f"{path} is a safetensors file, not a fairseq .pt checkpoint; read it with load_state_dict_file"
         )
     if kind in ("empty", "unknown"):
-        raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint ({kind} content, not a zip archive or pickle)"
-        )
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({kind} content, not a zip archive or pickle)")
     payload = _torch_load(path, kind)
     state_dict = _state_dict_from(payload, path)
     cfg = to_plain(payload.get("cfg"))

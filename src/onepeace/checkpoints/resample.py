@@ -128,9 +128,7 @@ def resample_rel_pos_table_2d(table: torch.Tensor, new_grid: int) -> torch.Tenso
     the central ``(2R'-1)^2`` crop of the table, smoothly interpolated.
     """
     if table.ndim != 2:
-        raise CheckpointError(
-            f"relative-position table must be 2-D [rows, heads], got shape {tuple(table.shape)}"
-        )
+        raise CheckpointError(f"relative-position table must be 2-D [rows, heads], got shape {tuple(table.shape)}")
     if not isinstance(new_grid, int) or new_grid < 1:
         raise ValueError(f"new_grid must be a positive int, got {new_grid!r}")
     src_side = _table_side(table.shape[0], "relative-position table")
@@ -140,13 +138,7 @@ def resample_rel_pos_table_2d(table: torch.Tensor, new_grid: int) -> torch.Tenso
     heads = table.shape[1]
     x, e = geometric_offsets(src_side, dst_side)
     m = cubic_spline_matrix(x, e)
-    core = (
-        table[: src_side * src_side]
-        .detach()
-        .to("cpu", torch.float64)
-        .numpy()
-        .reshape(src_side, src_side, heads)
-    )
+    core = table[: src_side * src_side].detach().to("cpu", torch.float64).numpy().reshape(src_side, src_side, heads)
     resampled = np.einsum("ai,ijh,bj->abh", m, core, m).reshape(dst_side * dst_side, heads)
     new_core = torch.from_numpy(resampled).to(device=table.device, dtype=table.dtype)
     return torch.cat([new_core, table[-SPECIAL_ROWS:].detach()], dim=0)

@@ -45,9 +45,7 @@ def _read_encoded(source: Any, name: str) -> tuple[np.ndarray, float]:
     try:
         data, rate = soundfile.read(source, dtype="float32", always_2d=False)
     except Exception as exc:  # libsndfile reports unreadable data with several exception types
-        raise InputError(
-            f"{name}: cannot decode audio (unreadable file or unsupported format: {exc})"
-        ) from exc
+        raise InputError(f"{name}: cannot decode audio (unreadable file or unsupported format: {exc})") from exc
     return data, rate
 
 
@@ -59,9 +57,7 @@ def _from_array(src: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
             src = src.float()  # numpy has no bfloat16
         src = src.numpy()
     if not np.issubdtype(src.dtype, np.floating):
-        raise InputError(
-            f"{name}: audio samples must be floating point (e.g. float32 in [-1, 1]), got {src.dtype}"
-        )
+        raise InputError(f"{name}: audio samples must be floating point (e.g. float32 in [-1, 1]), got {src.dtype}")
     if src.ndim == 2 and src.shape[1] > src.shape[0]:
         raise InputError(
             f"{name}: 2-D audio must be channels-last [num_samples, channels], got shape {tuple(src.shape)} "
@@ -79,8 +75,7 @@ def _to_mono(data: np.ndarray, name: str) -> np.ndarray:
         data = data.T.mean(axis=0, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     elif data.ndim != 1:
         raise InputError(
-            f"{name}: audio must be 1-D [num_samples] or 2-D [num_samples, channels], "
-            f"got shape {tuple(data.shape)}"
+            f"{name}: audio must be 1-D [num_samples] or 2-D [num_samples, channels], got shape {tuple(data.shape)}"
         )
     if data.shape[0] == 0:
         raise InputError(f"{name}: audio clip is empty (0 samples)")
@@ -164,9 +159,7 @@ def prepare_waveform(x: np.ndarray, cfg: AudioAdapterConfig, name: str = "wavefo
     return feats.numpy()
 
 
-def collate_audio(
-    waves: Sequence[np.ndarray], cfg: AudioAdapterConfig
-) -> tuple[torch.FloatTensor, torch.BoolTensor]:
+def collate_audio(waves: Sequence[np.ndarray], cfg: AudioAdapterConfig) -> tuple[torch.FloatTensor, torch.BoolTensor]:
     """Batch prepared waveforms: ``(waveform [B, N_max] float32, padding_mask [B, T_max + 1] bool)``.
 
     Waveforms are right-padded with 0.0. Row ``i`` of the mask (True = pad) starts with ``T_i + 1`` False
@@ -178,9 +171,7 @@ def collate_audio(
     frames = []
     for i, arr in enumerate(arrays):
         if arr.ndim != 1:
-            raise InputError(
-                f"audio {i}: expected a 1-D waveform [num_samples], got shape {tuple(arr.shape)}"
-            )
+            raise InputError(f"audio {i}: expected a 1-D waveform [num_samples], got shape {tuple(arr.shape)}")
         num = cfg.num_frames(arr.shape[0])
         if num < 1:
             raise InputError(f"audio {i}: {arr.shape[0]} samples is too short for one feature frame")
@@ -211,9 +202,7 @@ def preprocess_audio(
     if sample_rate is not None:
         _check_rate(sample_rate, "sample_rate")
     if isinstance(clips, (str, os.PathLike, bytes, bytearray)):
-        raise TypeError(
-            f"clips must be a sequence of clips (e.g. a list), got a single {type(clips).__name__}"
-        )
+        raise TypeError(f"clips must be a sequence of clips (e.g. a list), got a single {type(clips).__name__}")
     if isinstance(clips, (np.ndarray, torch.Tensor)) and clips.ndim < 2:
         raise TypeError("clips must be a sequence of clips; wrap a single waveform in a list")
     items = list(clips)

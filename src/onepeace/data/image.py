@@ -43,9 +43,7 @@ def _open_pil(opener: Any, name: str) -> Image.Image:
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(
-            f"{name}: image is too large, refusing a possible decompression bomb ({exc})"
-        ) from exc
+        raise InputError(f"{name}: image is too large, refusing a possible decompression bomb ({exc})") from exc
     except PermissionError as exc:
         raise InputError(f"{name}: cannot read the file ({exc})") from exc
     except UnidentifiedImageError as exc:
@@ -76,8 +74,7 @@ def _array_to_uint8(arr: np.ndarray, name: str) -> np.ndarray:
         raise InputError(f"{name}: array contains NaN or infinite values")
     if arr.min() < 0.0 or arr.max() > 1.0:
         raise InputError(
-            f"{name}: float array values must lie in [0, 1], "
-            f"got range [{float(arr.min())}, {float(arr.max())}]"
+            f"{name}: float array values must lie in [0, 1], got range [{float(arr.min())}, {float(arr.max())}]"
         )
     return np.rint(arr.astype(np.float64) * 255.0).astype(np.uint8)
 

@@ -36,13 +36,7 @@ _WHITESPACE_RUN = re.compile(r"\s{2,}")
 
 
 def _read_asset(name: str) -> str:
-    return (
-        resources.files("onepeace")
-        .joinpath("assets")
-        .joinpath("bpe")
-        .joinpath(name)
-        .read_text(encoding="utf-8")
-    )
+    return resources.files("onepeace").joinpath("assets").joinpath("bpe").joinpath(name).read_text(encoding="utf-8")
 
 
 def _parse_merges(text: str) -> list[tuple[str, str]]:
@@ -181,9 +175,7 @@ class Tokenizer:
         arr = arr.astype(np.int64)
         bad = np.flatnonzero((arr < 0) | (arr >= self.vocab_size))
         if bad.size:
-            raise InputError(
-                f"token id {int(arr[bad[0]])} at position {int(bad[0])} is outside [0, {self.vocab_size})"
-            )
+            raise InputError(f"token id {int(arr[bad[0]])} at position {int(bad[0])} is outside [0, {self.vocab_size})")
         return arr
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:

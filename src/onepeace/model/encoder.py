@@ -62,9 +62,7 @@ class FusionEncoder(nn.Module):
         self.final_norms = nn.ModuleDict({m.value: nn.LayerNorm(dim, eps=LN_EPS) for m in modalities})
         self.grad_checkpointing = False
 
-    def forward(
-        self, inputs: dict[Modality, AdapterOutput], return_intermediates: bool = False
-    ) -> EncoderOutput:
+    def forward(self, inputs: dict[Modality, AdapterOutput], return_intermediates: bool = False) -> EncoderOutput:
         """Run one joint pass.
 
         Args:
@@ -83,9 +81,7 @@ class FusionEncoder(nn.Module):
         x = x * (~padding).unsqueeze(-1).to(x.dtype)
         num_tables = {len(p.rel_pos_bias) for p in parts}
         if len(num_tables) != 1:
-            raise ValueError(
-                f"adapters disagree on the number of relative-position tables: {sorted(num_tables)}"
-            )
+            raise ValueError(f"adapters disagree on the number of relative-position tables: {sorted(num_tables)}")
         biases = [joint_bias(parts, padding, k) for k in range(max(num_tables.pop(), 1))]
         states = []
         for i, layer in enumerate(self.layers):
@@ -93,9 +89,7 @@ class FusionEncoder(nn.Module):
             x = self._run_layer(layer, x, bias, segments)
             if return_intermediates:
                 states.append(x)
-        result = {
-            m: SegmentOutput(self.final_norms[m.value](x[:, rows]), padding[:, rows]) for m, rows in segments
-        }
+        result = {m: SegmentOutput(self.final_norms[m.value](x[:, rows]), padding[:, rows]) for m, rows in segments}
         return EncoderOutput(result, tuple(states))
 
     def _run_layer(self, layer: FusionBlock, x: torch.Tensor, bias, segments: Segments) -> torch.Tensor:

@@ -42,9 +42,7 @@ class OnePeaceModel(nn.Module):
             cfg.layer_scale_init,
             cfg.drop_path_rate,
         )
-        self.projections = nn.ModuleDict(
-            {m.value: nn.Linear(cfg.embed_dim, cfg.embed_dim) for m in cfg.modalities}
-        )
+        self.projections = nn.ModuleDict({m.value: nn.Linear(cfg.embed_dim, cfg.embed_dim) for m in cfg.modalities})
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
         if init:
             init_weights(self)
@@ -74,9 +72,7 @@ class OnePeaceModel(nn.Module):
             self._check_tokens(text)
             out[Modality.TEXT] = self.adapter(Modality.TEXT)(text, keep.get(Modality.TEXT))
         if image is not None:
-            out[Modality.IMAGE] = self.adapter(Modality.IMAGE)(
-                image.to(self._dtype()), keep.get(Modality.IMAGE)
-            )
+            out[Modality.IMAGE] = self.adapter(Modality.IMAGE)(image.to(self._dtype()), keep.get(Modality.IMAGE))
         if audio is not None:
             waveform, padding_mask = _audio_pair(audio)
             out[Modality.AUDIO] = self.adapter(Modality.AUDIO)(
@@ -114,9 +110,7 @@ class OnePeaceModel(nn.Module):
             intermediates=encoded.intermediates,
         )
 
-    def encode_inputs(
-        self, inputs: dict[Modality, AdapterOutput], return_intermediates: bool = False
-    ) -> EncoderOutput:
+    def encode_inputs(self, inputs: dict[Modality, AdapterOutput], return_intermediates: bool = False) -> EncoderOutput:
         """Fusion encoder over adapter outputs (exposed for pretraining objectives)."""
         return self.encoder(inputs, return_intermediates)
 
@@ -143,9 +137,7 @@ class OnePeaceModel(nn.Module):
 
     def encode_audio(self, waveform: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """``waveform [B, N]``, ``padding_mask [B, T + 1]`` -> L2-normalised ``[B, D]``."""
-        return self.project(
-            Modality.AUDIO, self.forward_features(audio=(waveform, padding_mask)).audio.hidden
-        )
+        return self.project(Modality.AUDIO, self.forward_features(audio=(waveform, padding_mask)).audio.hidden)
 
     def forward(
         self,
@@ -176,9 +168,7 @@ class OnePeaceModel(nn.Module):
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dtype not in (torch.int64, torch.int32) or tokens.ndim != 2:
-            raise ValueError(
-                f"text tokens must be an integer [B, n] tensor, got {tokens.dtype} {tuple(tokens.shape)}"
-            )
+            raise ValueError(f"text tokens must be an integer [B, n] tensor, got {tokens.dtype} {tuple(tokens.shape)}")
         vocab = self.cfg.text.vocab_size
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
             bad = tokens[(tokens < 0) | (tokens >= vocab)][0].item()

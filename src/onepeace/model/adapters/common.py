@@ -35,9 +35,7 @@ def kept_padding_mask(keep: torch.Tensor) -> torch.Tensor:
 def check_keep(keep: torch.Tensor, length: int, name: str) -> None:
     """Raise ``ValueError`` if ``keep`` is not ``[B, S_keep]`` int indices in ``-1..length-1`` with cls (0) first."""
     if keep.dtype not in (torch.int32, torch.int64) or keep.ndim != 2:
-        raise ValueError(
-            f"{name}: kept positions must be an integer [B, S_keep] tensor, got {tuple(keep.shape)}"
-        )
+        raise ValueError(f"{name}: kept positions must be an integer [B, S_keep] tensor, got {tuple(keep.shape)}")
     if keep.numel() and (int(keep.max()) >= length or int(keep.min()) < -1):
         raise ValueError(f"{name}: kept positions must lie in -1..{length - 1}")
     if keep.numel() and bool((keep[:, 0] != 0).any()):

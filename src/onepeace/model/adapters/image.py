@@ -76,6 +76,4 @@ class ImageAdapter(nn.Module):
             padding = torch.zeros(batch, length, dtype=torch.bool, device=x.device)
             return AdapterOutput(x, padding, self.rel_pos(length))
         check_keep(keep, length, "image")
-        return AdapterOutput(
-            gather_kept(x, keep), kept_padding_mask(keep), self.rel_pos(length, fill_padding(keep))
-        )
+        return AdapterOutput(gather_kept(x, keep), kept_padding_mask(keep), self.rel_pos(length, fill_padding(keep)))

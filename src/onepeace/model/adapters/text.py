@@ -40,9 +40,7 @@ class TextAdapter(nn.Module):
             AdapterOutput with embedding ``[B, S, D]`` (S = n + 1, or S_keep), padding mask ``[B, S]``.
         """
         if tokens.shape[1] > self.max_length:
-            raise ValueError(
-                f"text has {tokens.shape[1]} tokens; at most {self.max_length} fit the position tables"
-            )
+            raise ValueError(f"text has {tokens.shape[1]} tokens; at most {self.max_length} fit the position tables")
         batch, length = tokens.shape[0], tokens.shape[1] + 1
         x = torch.cat([self.cls_token.expand(batch, -1, -1), self.token_embed(tokens)], dim=1)  # [B, S, D]
         x = x + self.pos_embed.weight[:length].unsqueeze(0)
