@@ -107,3 +107,17 @@ def read_official(path: str | Path) -> tuple[OnePeaceConfig, dict[str, torch.Ten
         raise CheckpointError(f"{path}: {len(report.unknown)} key(s) are not part of ONE-PEACE: {shown}")
     config = config_from_official(cfg, state_dict, report)
     return config, {ours: state_dict[key] for key, ours in report.mapped.items()}, report
+
+
+def official_pretrain_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An official pretraining state dict under the names of :class:`onepeace.train.objectives.PretrainObjective`.
+
+    Backbone keys go under ``model.``, decoder keys under ``decoder.``; buffers and dead parameters are dropped.
+    Raises :class:`CheckpointError` listing any key that belongs to neither.
+    """
+    report = sort_keys(list(state_dict))
+    if report.unknown:
+        raise CheckpointError(f"key(s) not part of ONE-PEACE pretraining: {', '.join(report.unknown[:10])}")
+    out = {f"model.{ours}": state_dict[key] for key, ours in report.mapped.items()}
+    out.update({ours: state_dict[key] for key, ours in report.decoder.items()})
+    return out

@@ -9,9 +9,26 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-_FUSION = "encoder_wrapper.fusion_model"
-_LAYER = _FUSION + ".layers.{i}"
-_FFN = _LAYER + ".{m}_ffn"
+
+
+def _fusion_rules(official: str, ours: str) -> tuple[tuple[str, str], ...]:
+    """Rules of one fusion stack: ``official`` (``*_wrapper.fusion_model``) -> ``ours`` (an ``encoder`` module)."""
+    layer, mine = official + ".layers.{i}", ours + ".layers.{i}"
+    ffn = layer + ".{m}_ffn"
+    return (
+        (layer + ".self_attn.{proj}.{w}", mine + ".attn.{proj}.{w}"),
+        (layer + ".self_attn.ln.{w}", mine + ".attn.sub_norm.{w}"),
+        (layer + ".self_attn_layer_norm.{w}", mine + ".attn_norm.{w}"),
+        (layer + ".final_layer_norm.{w}", mine + ".ffn_norm.{w}"),
+        (layer + ".gamma_1", mine + ".gamma_attn"),
+        (layer + ".gamma_2", mine + ".gamma_ffn"),
+        (ffn + ".0.wi_0.weight", mine + ".ffn.{m}.gate.weight"),
+        (ffn + ".0.wi_1.weight", mine + ".ffn.{m}.linear.weight"),
+        (ffn + ".2.{w}", mine + ".ffn.{m}.norm.{w}"),
+        (ffn + ".3.{w}", mine + ".ffn.{m}.out.{w}"),
+        (official + ".{m}_layer_norm.{w}", ours + ".final_norms.{m}.{w}"),
+    )
+
 
 RULES: tuple[tuple[str, str], ...] = (
     ("logit_scale", "logit_scale"),
@@ -40,26 +57,26 @@ RULES: tuple[tuple[str, str], ...] = (
     ("encoder_wrapper.audio_adapter.embed_positions.{p+1}.0.{w}", "adapters.audio.conv_pos.{p}.conv.{w}"),
     ("encoder_wrapper.audio_adapter.cls_pos_embed", "adapters.audio.cls_pos"),
     ("encoder_wrapper.audio_adapter.mask_embedding", "adapters.audio.mask_embedding"),
-    (_LAYER + ".self_attn.{proj}.{w}", "encoder.layers.{i}.attn.{proj}.{w}"),
-    (_LAYER + ".self_attn.ln.{w}", "encoder.layers.{i}.attn.sub_norm.{w}"),
-    (_LAYER + ".self_attn_layer_norm.{w}", "encoder.layers.{i}.attn_norm.{w}"),
-    (_LAYER + ".final_layer_norm.{w}", "encoder.layers.{i}.ffn_norm.{w}"),
-    (_LAYER + ".gamma_1", "encoder.layers.{i}.gamma_attn"),
-    (_LAYER + ".gamma_2", "encoder.layers.{i}.gamma_ffn"),
-    (_FFN + ".0.wi_0.weight", "encoder.layers.{i}.ffn.{m}.gate.weight"),
-    (_FFN + ".0.wi_1.weight", "encoder.layers.{i}.ffn.{m}.linear.weight"),
-    (_FFN + ".2.{w}", "encoder.layers.{i}.ffn.{m}.norm.{w}"),
-    (_FFN + ".3.{w}", "encoder.layers.{i}.ffn.{m}.out.{w}"),
-    (_FUSION + ".{m}_layer_norm.{w}", "encoder.final_norms.{m}.{w}"),
 )
+
+#: The pretraining decoder (spec §9.3); ours lives in :class:`onepeace.model.decoder.PretrainDecoder`.
+DECODER_RULES: tuple[tuple[str, str], ...] = (
+    ("decoder_{m}_embed.{w}", "decoder.embed_in.{m}.{w}"),
+    ("{m}_mask_token", "decoder.mask_tokens.{m}"),
+    ("{m}_mask_head.{w}", "decoder.heads.{m}.{w}"),
+    ("decoder_wrapper.text_adapter.embed_positions.weight", "decoder.positions.text"),
+    ("decoder_wrapper.image_adapter.pos_embed", "decoder.positions.image"),
+    ("decoder_wrapper.audio_adapter.embed_positions.weight", "decoder.positions.audio"),
+    *_fusion_rules("decoder_wrapper.fusion_model", "decoder.encoder"),
+)
+
+RULES = RULES + _fusion_rules("encoder_wrapper.fusion_model", "encoder") + DECODER_RULES
+
+#: Parameters the official model holds but never reads; they are dropped on load.
+DEAD = re.compile(r"^decoder_wrapper\.(text|image|audio)_adapter\.(cls_embedding|mask_embedding)$")
 
 #: Recomputable buffers present in official files; they carry no learned state.
 BUFFER_SUFFIXES: tuple[str, ...] = (".rp_bucket", ".position_idx", ".version")
-
-#: Keys that only the official pretraining model holds (decoder and mask-prediction heads, spec §9.3).
-PRETRAIN_ONLY = re.compile(
-    r"^(decoder_wrapper\.|decoder_(text|image|audio)_embed\.|(text|image|audio)_mask_(token|head))"
-)
 
 _PLACEHOLDER = {
     "m": r"(?P<m>text|image|audio)",
@@ -120,24 +137,32 @@ def _translate(key: str, rules: list[tuple[re.Pattern[str], frozenset[str], str]
 
 @dataclass
 class KeyReport:
-    """How an official state dict's keys were sorted."""
+    """How an official state dict's keys were sorted (official key -> our key where one exists)."""
 
     mapped: dict[str, str] = field(default_factory=dict)
+    decoder: dict[str, str] = field(default_factory=dict)
     buffers: list[str] = field(default_factory=list)
-    pretrain_only: list[str] = field(default_factory=list)
+    dead: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
+
+    @property
+    def pretrain_only(self) -> list[str]:
+        """Official keys that only the pretraining model uses (the decoder and its dead parameters)."""
+        return sorted(self.decoder) + self.dead
 
 
 def sort_keys(keys: list[str]) -> KeyReport:
-    """Map each official key to ours, or file it as a buffer, a pretraining-only key or an unknown key."""
+    """File each official key as a backbone key, a decoder key, a buffer, a dead parameter or an unknown key."""
     report = KeyReport()
     for key in keys:
         if key.endswith(BUFFER_SUFFIXES):
             report.buffers.append(key)
-        elif PRETRAIN_ONLY.match(key):
-            report.pretrain_only.append(key)
-        elif (ours := to_ours(key)) is not None:
-            report.mapped[key] = ours
-        else:
+        elif DEAD.match(key):
+            report.dead.append(key)
+        elif (ours := to_ours(key)) is None:
             report.unknown.append(key)
+        elif ours.startswith("decoder."):
+            report.decoder[key] = ours
+        else:
+            report.mapped[key] = ours
     return report
