@@ -72,11 +72,11 @@ class OnePeaceModel(nn.Module):
             self._check_tokens(text)
             out[Modality.TEXT] = self.adapter(Modality.TEXT)(text, keep.get(Modality.TEXT))
         if image is not None:
-            out[Modality.IMAGE] = self.adapter(Modality.IMAGE)(image.to(self._dtype()), keep.get(Modality.IMAGE))
+            out[Modality.IMAGE] = self.adapter(Modality.IMAGE)(image, keep.get(Modality.IMAGE))
         if audio is not None:
             waveform, padding_mask = _audio_pair(audio)
             out[Modality.AUDIO] = self.adapter(Modality.AUDIO)(
-                waveform.to(self._dtype()), padding_mask, keep.get(Modality.AUDIO)
+                waveform, padding_mask, keep.get(Modality.AUDIO)
             )
         if not out:
             raise ValueError("give at least one of text, image or audio")
@@ -162,9 +162,6 @@ class OnePeaceModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each fusion layer in backward instead of storing its activations."""
         self.encoder.grad_checkpointing = enable
-
-    def _dtype(self) -> torch.dtype:
-        return self.logit_scale.dtype
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dtype not in (torch.int64, torch.int32) or tokens.ndim != 2:

@@ -8,7 +8,6 @@ denoising target is the audio segment of the unmasked joint audio-text pass, as 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,35 +15,13 @@ from torch import nn
 from onepeace.data.batch import PretrainBatch
 from onepeace.losses.contrastive import contrastive_loss
 from onepeace.losses.denoising import denoising_loss
+from onepeace.losses.named import NamedLosses
 from onepeace.modality import Modality
 from onepeace.model import OnePeaceModel
 from onepeace.model.decoder import DecoderInput, PretrainDecoder
+from onepeace.train.config import LossConfig
 
-T, I, A = Modality.TEXT, Modality.IMAGE, Modality.AUDIO
-
-
-@dataclass(frozen=True)
-class ObjectiveOutput:
-    """Named losses of one step: ``total`` (scalar to back-propagate), every weighted-in term, and metrics."""
-
-    total: torch.Tensor
-    terms: dict[str, torch.Tensor]
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """Weights of the denoising terms and the denoising-loss settings (spec §5.1, §5.3)."""
-
-    dcl_text: float = 0.5
-    dcl_image: float = 1.0
-    dcl_vl_text: float = 0.5
-    dcl_vl_image: float = 0.5
-    dcl_audio: float = 1.0
-    dcl_al_text: float = 0.5
-    dcl_al_audio: float = 0.5
-    dcl_logit_scale: float = 2.5
-    label_smoothing: float = 0.1
+T, IMG, A = Modality.TEXT, Modality.IMAGE, Modality.AUDIO
 
 
 class PretrainObjective(nn.Module):
@@ -55,7 +32,7 @@ class PretrainObjective(nn.Module):
         model: OnePeaceModel,
         decoder: PretrainDecoder,
         stage: int,
-        weights: LossWeights | None = None,
+        weights: LossConfig | None = None,
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
         rank: int = 0,
     ) -> None:
@@ -65,16 +42,17 @@ class PretrainObjective(nn.Module):
         self.model = model
         self.decoder = decoder
         self.stage = stage
-        self.weights = weights or LossWeights()
+        self.weights = weights or LossConfig()
         self.gather = gather
         self.rank = rank
 
-    def forward(self, batch: PretrainBatch) -> ObjectiveOutput:
+    def forward(self, batch: PretrainBatch) -> NamedLosses:
         return self._stage1(batch) if self.stage == 1 else self._stage2(batch)
 
     # ------------------------------------------------------------------------------------------------ pieces
-    def _student(self, inputs: dict[Modality, object], keep: dict[Modality, torch.Tensor],
-                 padding: dict[Modality, torch.Tensor]) -> dict[Modality, torch.Tensor]:
+    def _student(
+        self, inputs: dict[Modality, object], keep: dict[Modality, torch.Tensor], padding: dict[Modality, torch.Tensor]
+    ) -> dict[Modality, torch.Tensor]:
         """Masked pass: encoder on kept units, decoder back to full length: ``{m: [B, S_m, D]}``."""
         feats = self.model.forward_features(**{m.value: x for m, x in inputs.items()}, keep=keep)
         return self.decoder({m: DecoderInput(feats[m].hidden, keep[m], padding[m]) for m in keep})
@@ -93,42 +71,38 @@ class PretrainObjective(nn.Module):
             "logit_scale_exp": scale.detach(),
         }
 
-    @staticmethod
-    def _combine(terms: dict[str, torch.Tensor], weighted: dict[str, float], first: str,
-                 metrics: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        total = terms[first] + sum(weight * terms[name] for name, weight in weighted.items())
-        return ObjectiveOutput(total, terms, metrics)
-
     # ------------------------------------------------------------------------------------------------ stages
-    def _stage1(self, batch: PretrainBatch) -> ObjectiveOutput:
+    def _stage1(self, batch: PretrainBatch) -> NamedLosses:
         if batch.image is None:
             raise ValueError("stage 1 needs images in the batch")
         v, w = batch.views, self.weights
         text = self.model.forward_features(text=batch.text).text
         image = self.model.forward_features(image=batch.image).image
-        itc = self._contrastive(self.model.project(I, image.hidden), self.model.project(T, text.hidden), "itc")
+        itc = self._contrastive(self.model.project(IMG, image.hidden), self.model.project(T, text.hidden), "itc")
         with torch.no_grad():
             joint = self.model.forward_features(text=batch.text, image=batch.image)
         tpad, ipad = text.padding_mask, image.padding_mask
         s_text = self._student({T: batch.text}, {T: v["text"].keep}, {T: tpad})[T]
-        s_image = self._student({I: batch.image}, {I: v["image"].keep}, {I: ipad})[I]
+        s_image = self._student({IMG: batch.image}, {IMG: v["image"].keep}, {IMG: ipad})[IMG]
         s_vl = self._student(
-            {T: batch.text, I: batch.image}, {T: v["vl_text"].keep, I: v["vl_image"].keep}, {T: tpad, I: ipad}
+            {T: batch.text, IMG: batch.image}, {T: v["vl_text"].keep, IMG: v["vl_image"].keep}, {T: tpad, IMG: ipad}
         )
         terms = {
             "itc_loss": itc.pop("itc_loss"),
             "dcl_text_loss": self._dcl(s_text, text.hidden, v["text"].mask, tpad),
             "dcl_image_loss": self._dcl(s_image, image.hidden, v["image"].mask, None),
             "dcl_vl_text_loss": self._dcl(s_vl[T], joint.text.hidden, v["vl_text"].mask, tpad),
-            "dcl_vl_image_loss": self._dcl(s_vl[I], joint.image.hidden, v["vl_image"].mask, None),
+            "dcl_vl_image_loss": self._dcl(s_vl[IMG], joint.image.hidden, v["vl_image"].mask, None),
         }
         weighted = {
-            "dcl_text_loss": w.dcl_text, "dcl_image_loss": w.dcl_image,
-            "dcl_vl_text_loss": w.dcl_vl_text, "dcl_vl_image_loss": w.dcl_vl_image,
+            "dcl_text_loss": w.dcl_text,
+            "dcl_image_loss": w.dcl_image,
+            "dcl_vl_text_loss": w.dcl_vl_text,
+            "dcl_vl_image_loss": w.dcl_vl_image,
         }
-        return self._combine(terms, weighted, "itc_loss", itc)
+        return NamedLosses.weighted(terms, weighted, itc)
 
-    def _stage2(self, batch: PretrainBatch) -> ObjectiveOutput:
+    def _stage2(self, batch: PretrainBatch) -> NamedLosses:
         if batch.audio is None:
             raise ValueError("stage 2 needs audio in the batch")
         v, w = batch.views, self.weights
@@ -149,5 +123,9 @@ class PretrainObjective(nn.Module):
             "dcl_al_text_loss": self._dcl(s_al[T], joint.text.hidden, v["al_text"].mask, tpad),
             "dcl_al_audio_loss": self._dcl(s_al[A], joint.audio.hidden, v["al_audio"].mask, apad),
         }
-        weighted = {"dcl_audio_loss": w.dcl_audio, "dcl_al_text_loss": w.dcl_al_text, "dcl_al_audio_loss": w.dcl_al_audio}
-        return self._combine(terms, weighted, "atc_loss", atc)
+        weighted = {
+            "dcl_audio_loss": w.dcl_audio,
+            "dcl_al_text_loss": w.dcl_al_text,
+            "dcl_al_audio_loss": w.dcl_al_audio,
+        }
+        return NamedLosses.weighted(terms, weighted, atc)

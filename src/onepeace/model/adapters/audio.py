@@ -74,6 +74,7 @@ class AudioAdapter(nn.Module):
         """Extractor -> LayerNorm -> Linear: ``[B, N] -> [B, T, D]``."""
         if waveform.ndim != 2:
             raise ValueError(f"waveform must be [B, N], got shape {tuple(waveform.shape)}")
+        waveform = waveform.to(self.extractor[0].conv.weight.dtype)  # also under mixed precision
         feats = self.extractor(waveform.unsqueeze(1)).transpose(1, 2)  # [B, T, C]
         return self.feature_proj(self.feature_norm(feats))
 

@@ -55,6 +55,7 @@ class ImageAdapter(nn.Module):
                 f"images are {side}x{side} but this model is set up for {self.grid * 16}x{self.grid * 16}; "
                 f"load it with image_size={side} to change the resolution"
             )
+        pixels = pixels.to(self.stem.conv1.weight.dtype)  # the stem's dtype, also under mixed precision
         return self.stem(pixels).flatten(2).transpose(1, 2)
 
     def positions(self) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Training utilities: process groups and parallel wrappers (:mod:`onepeace.train.distributed`)."""

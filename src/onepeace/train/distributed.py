@@ -1,0 +1,275 @@
+"""Process groups, cross-rank gathers and data-parallel wrappers for runs launched with ``torchrun``.
+
+The model itself never touches :mod:`torch.distributed`; everything parallel is applied from here. Backends: gloo on
+CPU, nccl on CUDA. Without ``torchrun`` every helper degrades to the single-process case (world size 1).
+
+Glossary: B local batch, W world size.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+Strategy = Literal["none", "ddp", "fsdp"]
+STRATEGIES: tuple[str, ...] = ("none", "ddp", "fsdp")
+FUSION_LAYER_PATTERN = r"(^|\.)(encoder|decoder)\.layers\.\d+$"
+"""Submodules sharded one by one under FSDP (fusion and decoder layers), matched against ``named_modules`` names."""
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job.
+
+    Attributes:
+        rank: global rank (0 .. world_size - 1).
+        world_size: number of processes.
+        local_rank: rank on this machine; selects the CUDA device.
+        device: the device this process computes on.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (the process that logs and writes checkpoints)."""
+        return self.rank == 0
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Join the process group described by the ``torchrun`` environment, or fall back to one process.
+
+    Args:
+        backend: ``"gloo"`` or ``"nccl"``; by default nccl when CUDA is available, else gloo. With ``"gloo"`` the
+            device is the CPU even if CUDA is present.
+
+    Returns:
+        DistInfo. Launched by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` set), the
+        default process group is initialised (once) with ``env://``; otherwise rank 0 of a world of 1 with no
+        process group, on ``cuda:0`` when available.
+    """
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    if not all(name in os.environ for name in _TORCHRUN_ENV):
+        return DistInfo(0, 1, 0, torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        chosen = backend or ("nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend=chosen, init_method="env://", rank=rank, world_size=world)
+    return DistInfo(rank, world, local_rank, device)
+
+
+def get_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 or without a process group."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Destroy the default process group if one exists."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather_no_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from every rank along dim 0, without gradient (the official contrastive gather).
+
+    Every rank must pass the same shape. The result is detached everywhere, the local slice included, so a loss using
+    it as keys back-propagates only through its other (query) operand.
+
+    Args:
+        x: ``[B, ...]`` local tensor.
+
+    Returns:
+        ``[B * W, ...]`` in rank order, detached (``x.detach()`` when W = 1).
+    """
+    world = get_world_size()
+    if world == 1:
+        return x.detach()
+    with torch.no_grad():
+        local = x.detach().contiguous()
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local)
+    return torch.cat(parts, dim=0)  # [B * W, ...]
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums the incoming gradient over ranks and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        local = x.contiguous()
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local)
+        ctx.rows = x.shape[0]
+        ctx.rank = dist.get_rank()
+        return torch.cat(parts, dim=0)  # [B * W, ...]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        total = grad.contiguous().clone()  # [B * W, ...]; all_reduce works in place
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.rows
+        return total[start : start + ctx.rows]  # [B, ...]
+
+
+def all_gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from every rank along dim 0, keeping the autograd graph.
+
+    Backward sums the gradient of the gathered tensor over ranks and hands each rank its own slice. If rank ``r``
+    computes a loss ``L_r`` from the result, the gradient reaching ``x`` on rank ``r`` is therefore
+    ``d(sum_j L_j) / d x_r``; after DDP/FSDP average parameter gradients over ranks, parameters receive the gradient
+    of ``mean_j L_j`` (for per-rank mean losses: the loss of the concatenated batch on one device). Every rank must
+    pass the same shape and must run backward. Works on gloo (only all_gather and all_reduce are used).
+
+    Args:
+        x: ``[B, ...]`` local tensor.
+
+    Returns:
+        ``[B * W, ...]`` in rank order (``x`` itself when W = 1).
+    """
+    if get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def reduce_mean(x: Tensor) -> Tensor:
+    """Mean of ``x`` over ranks, detached, for logging (``x.detach()`` when W = 1). Same shape as ``x``."""
+    out = x.detach().clone()
+    world = get_world_size()
+    if world > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        out = out / world
+    return out
+
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Turn on activation checkpointing through each submodule's own ``set_grad_checkpointing(True)``.
+
+    Call it before :func:`wrap_model`. Returns how many modules (``model`` or its descendants) have the method;
+    0 means nothing was changed.
+    """
+    enabled = 0
+    for module in model.modules():
+        setter = getattr(module, "set_grad_checkpointing", None)
+        if callable(setter):
+            setter(True)
+            enabled += 1
+    return enabled
+
+
+def wrap_model(
+    module: nn.Module,
+    strategy: Strategy = "none",
+    *,
+    find_unused_parameters: bool = False,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    reshard_after_forward: bool = True,
+    forward_methods: Sequence[str] = (),
+    layer_pattern: str = FUSION_LAYER_PATTERN,
+) -> nn.Module:
+    """Wrap ``module`` (already on this rank's device) for data-parallel training.
+
+    Args:
+        module: the model or objective module; parameters must be identical on all ranks (same seed or a load).
+        strategy: ``"none"`` (returned unchanged), ``"ddp"`` (:class:`~torch.nn.parallel.DistributedDataParallel`)
+            or ``"fsdp"`` (FSDP2 ``fully_shard``). Without a process group the module is returned unchanged.
+        find_unused_parameters: DDP only; needed when some parameters get no gradient in a step (other modalities'
+            branches, frozen parts in stage 2).
+        param_dtype: FSDP only; compute/all-gather dtype of the unsharded parameters, e.g. ``torch.bfloat16`` for
+            the bf16 policy. ``None`` keeps the stored dtype. Sharded master weights stay in their own dtype.
+        reduce_dtype: FSDP only; dtype of gradient reduction (default float32: bf16 compute, fp32 reduce).
+        reshard_after_forward: FSDP only; free each layer's gathered parameters after its forward.
+        forward_methods: FSDP only; methods other than ``forward`` that are called on the root from outside
+            (e.g. ``"encode_text"``); FSDP hooks only ``forward`` unless told.
+        layer_pattern: FSDP only; regex over ``named_modules`` names selecting submodules sharded as their own
+            unit before the root (default: ``encoder.layers.<i>`` and ``decoder.layers.<i>``).
+
+    FSDP notes: 0-d parameters (``logit_scale``) cannot be sharded by ``fully_shard``; they stay replicated plain
+    tensors, excluded from FSDP, and a gradient hook averages their gradient over ranks. They are also not cast by
+    ``param_dtype``; every rank must produce their gradient in every backward (the hook is a collective).
+    Gradients of sharded parameters are averaged over ranks, as under DDP. ``fully_shard`` converts ``module`` in
+    place (the same object is returned). With ``param_dtype`` set, :class:`~onepeace.model.OnePeaceModel` image and
+    audio inputs currently fail: the model casts them to the dtype of ``logit_scale``, which stays float32, while the
+    stems run in ``param_dtype`` (text works).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if strategy == "none" or not dist.is_initialized():
+        return module
+    device = next(module.parameters()).device
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters)
+    return _fully_shard(
+        module, device, param_dtype, reduce_dtype, reshard_after_forward, forward_methods, layer_pattern
+    )
+
+
+def _fully_shard(
+    module: nn.Module,
+    device: torch.device,
+    param_dtype: torch.dtype | None,
+    reduce_dtype: torch.dtype | None,
+    reshard_after_forward: bool,
+    forward_methods: Sequence[str],
+    layer_pattern: str,
+) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    scalars = {p for p in module.parameters() if p.ndim == 0}
+    pattern = re.compile(layer_pattern)
+    layers = [m for name, m in module.named_modules() if name and pattern.search(name)]
+    for layer in layers:
+        fully_shard(
+            layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward, ignored_params=scalars
+        )
+    fully_shard(module, mesh=mesh, mp_policy=policy, ignored_params=scalars)
+    for param in scalars:
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(_average_grad)
+    for name in forward_methods:
+        register_fsdp_forward_method(module, name)
+    return module
+
+
+def _average_grad(param: Tensor) -> None:
+    """Average ``param.grad`` over ranks in place (replicated parameters FSDP does not manage)."""
+    if param.grad is not None:
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+        param.grad.div_(dist.get_world_size())
