@@ -36,11 +36,14 @@ def views(prefix: str, names: list[str]) -> dict[str, MaskedView]:
 def batch(stage: int) -> PretrainBatch:
     if stage == 1:
         return PretrainBatch(
-            text=IN["text.tokens"], image=IN["image.pixels"],
+            text=IN["text.tokens"],
+            image=IN["image.pixels"],
             views=views("mask_vl", ["text", "image", "vl_text", "vl_image"]),
         )
     return PretrainBatch(
-        text=IN["text.tokens"], audio_waveform=IN["audio.waveform"], audio_padding_mask=IN["audio.padding_mask"],
+        text=IN["text.tokens"],
+        audio_waveform=IN["audio.waveform"],
+        audio_padding_mask=IN["audio.padding_mask"],
         views=views("mask_al", ["audio", "al_text", "al_audio"]),
     )
 

@@ -1,4 +1,4 @@
-"""Command line: ``onepeace embed | convert | info`` (also ``python -m onepeace``).
+"""Command line: ``onepeace embed | convert | info | pretrain`` (also ``python -m onepeace``).
 
 Parsing and ``--help`` import nothing heavy; torch and the model are imported by the command that needs them.
 Errors end the run with one line ``onepeace: error: <message>`` on stderr and exit code 2 (``--debug`` shows
@@ -44,8 +44,35 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    """The ``pretrain`` command: run or resume a recipe (launch under ``torchrun`` for several processes)."""
+    from onepeace.data.pretrain import PretrainDataConfig
+    from onepeace.train.config import load_recipe
+    from onepeace.train.loop import pretrain
+
+    cfg = load_recipe(args.config, args.overrides, data_config_type=PretrainDataConfig)
+    result = pretrain(cfg, resume=args.resume)
+    if result.model_dir is not None:
+        print(f"finished at update {result.step}: checkpoint {result.checkpoint}, model {result.model_dir}")
+    return 0
+
+
+def _add_pretrain(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        parents=parents,
+        help="pretrain (stage 1 image-text or stage 2 audio-text) from a recipe",
+        description="Run a pretraining recipe (configs/*.yaml). Several processes: "
+        "torchrun --nproc_per_node N -m onepeace pretrain --config RECIPE.yaml",
+    )
+    p.add_argument("--config", required=True, metavar="RECIPE.yaml", help="the recipe")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue from the latest checkpoint in RUN_DIR")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. optim.lr=1e-4")
+    p.set_defaults(handler=_pretrain)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with its three subcommands."""
+    """The argument parser with its subcommands."""
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks of errors")
     parser = argparse.ArgumentParser(
@@ -75,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="VARIANT_OR_PATH", help="variant name, model folder or official .pt")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=_info)
+    _add_pretrain(sub, [debug])
     return parser
 
 

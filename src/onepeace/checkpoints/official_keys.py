@@ -10,7 +10,6 @@ import re
 from dataclasses import dataclass, field
 
 
-
 def _fusion_rules(official: str, ours: str) -> tuple[tuple[str, str], ...]:
     """Rules of one fusion stack: ``official`` (``*_wrapper.fusion_model``) -> ``ours`` (an ``encoder`` module)."""
     layer, mine = official + ".layers.{i}", ours + ".layers.{i}"

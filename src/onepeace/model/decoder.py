@@ -88,8 +88,6 @@ class PretrainDecoder(nn.Module):
         Returns:
             per modality ``[B, S, D]`` (D = encoder width), cls position included.
         """
-        segments = {
-            m: AdapterOutput(self._full_sequence(m, seg), seg.padding_mask, ()) for m, seg in inputs.items()
-        }
+        segments = {m: AdapterOutput(self._full_sequence(m, seg), seg.padding_mask, ()) for m, seg in inputs.items()}
         out = self.encoder(segments).segments
         return {m: self.heads[m.value](out[m].hidden) for m in out}

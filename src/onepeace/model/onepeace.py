@@ -75,9 +75,7 @@ class OnePeaceModel(nn.Module):
             out[Modality.IMAGE] = self.adapter(Modality.IMAGE)(image, keep.get(Modality.IMAGE))
         if audio is not None:
             waveform, padding_mask = _audio_pair(audio)
-            out[Modality.AUDIO] = self.adapter(Modality.AUDIO)(
-                waveform, padding_mask, keep.get(Modality.AUDIO)
-            )
+            out[Modality.AUDIO] = self.adapter(Modality.AUDIO)(waveform, padding_mask, keep.get(Modality.AUDIO))
         if not out:
             raise ValueError("give at least one of text, image or audio")
         return out
