@@ -57,13 +57,14 @@ def load_start_weights(objective: PretrainObjective, weights: dict[str, torch.Te
     bad_missing = [k for k in result.missing_keys if not any(tag in k for tag in fresh_ok)]
     if bad_missing or result.unexpected_keys:
         raise CheckpointError(
-            f"starting weights do not fit stage {stage}: missing {bad_missing[:8]}, unexpected {result.unexpected_keys[:8]}"
+            f"starting weights do not fit stage {stage}: "
+            f"missing {bad_missing[:8]}, unexpected {result.unexpected_keys[:8]}"
         )
     return list(result.missing_keys)
 
 
 def build_objective(cfg: TrainConfig, gather=None, rank: int = 0) -> PretrainObjective:
-    """The pretraining module of ``cfg``: built from the seed (identical on every rank), weights loaded, parts frozen."""
+    """The pretraining module of ``cfg``: built from the seed (the same on every rank), weights loaded, parts frozen."""
     torch.manual_seed(cfg.seed)
     backbone_cfg = cfg.model.backbone_config(cfg.stage)
     model = OnePeaceModel(backbone_cfg)
