@@ -211,7 +211,9 @@ def build_pretrain_loader(
         raise ValueError(f"seed and epoch must be >= 0, got {seed} and {epoch}")
     maker, workers = ExampleMaker(config), config.num_workers
     _ = maker.tokenizer  # built once here: forked workers inherit it
-    options: dict[str, Any] = {"num_workers": workers, "collate_fn": PretrainCollator(config)}
+    # The loader's own generator: starting an iterator must not draw from the global RNG (exact resume).
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    options: dict[str, Any] = {"num_workers": workers, "collate_fn": PretrainCollator(config), "generator": generator}
     if workers > 0:
         options["prefetch_factor"] = config.prefetch_factor
     if config.format == "tsv":

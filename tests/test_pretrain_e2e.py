@@ -1,0 +1,122 @@
+"""End-to-end pretraining on real data through the CLI: both stages, frozen parts, kill and exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from onepeace.cli import main
+from onepeace.data.pretrain import PretrainDataConfig
+from onepeace.train.build import build_objective
+from onepeace.train.config import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIRS = ROOT / "tests" / "data" / "tiny_pairs"
+STAGE1, STAGE2 = ROOT / "configs" / "tiny_stage1.yaml", ROOT / "configs" / "tiny_stage2.yaml"
+
+
+def metrics(run: Path) -> dict[int, dict]:
+    """Logged rows by update (a resumed run's rows replace those of the killed run)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row for row in rows}
+
+
+def mean_loss(rows: dict[int, dict], name: str, steps: range) -> float:
+    return statistics.mean(rows[s][name] for s in steps)
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    latest = (run / "latest").read_text().strip()
+    return load_file(str(run / latest / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def stage_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("pretrain")
+    one, two = base / "stage1", base / "stage2"
+    assert (
+        main(["pretrain", "--config", str(STAGE1), f"out_dir={one}", f"data.paths=[{PAIRS / 'image_text.tsv'}]"]) == 0
+    )
+    args = [f"out_dir={two}", f"model.init_from={one}", f"data.paths=[{PAIRS / 'audio_text.tsv'}]"]
+    assert main(["pretrain", "--config", str(STAGE2), *args]) == 0
+    return one, two
+
+
+def test_stage1_contrastive_loss_falls(stage_runs: tuple[Path, Path]) -> None:
+    rows = metrics(stage_runs[0])
+    first, last = mean_loss(rows, "itc_loss", range(1, 11)), mean_loss(rows, "itc_loss", range(141, 151))
+    assert last < 0.6 * first, (first, last)
+    assert all(row["skipped"] == 0 for row in rows.values())
+
+
+def test_stage2_contrastive_loss_falls(stage_runs: tuple[Path, Path]) -> None:
+    rows = metrics(stage_runs[1])
+    first, last = mean_loss(rows, "atc_loss", range(1, 11)), mean_loss(rows, "atc_loss", range(191, 201))
+    assert last < 0.8 * first, (first, last)
+
+
+def test_stage2_keeps_frozen_parameters_bit_identical(stage_runs: tuple[Path, Path]) -> None:
+    one, two = stage_runs
+    cfg = load_recipe(STAGE2, [f"model.init_from={one}"], data_config_type=PretrainDataConfig)
+    frozen = [n for n, p in build_objective(cfg).named_parameters() if not p.requires_grad and n.startswith("model.")]
+    before, after = final_weights(one), final_weights(two)
+    shared = [n for n in frozen if "audio" not in n]
+    assert len(shared) > 30 and any(".attn." in n for n in shared) and "model.projections.text.weight" in shared
+    for name in shared:
+        assert torch.equal(before[name], after[name]), name
+    trained = [n for n in after if ".ffn.audio." in n or n.startswith("model.projections.audio")]
+    assert trained and all(n not in before for n in trained)  # the audio branch is new in stage 2
+    assert not any(".image" in n for n in after)
+
+
+def _start(run: Path, total: int) -> subprocess.Popen:
+    args = [
+        sys.executable,
+        "-m",
+        "onepeace",
+        "pretrain",
+        "--config",
+        str(STAGE1),
+        f"out_dir={run}",
+        f"data.paths=[{PAIRS / 'image_text.tsv'}]",
+        f"optim.total_updates={total}",
+        "save_every=10",
+        "keep_last=10",
+    ]
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_and_resume_is_exact(tmp_path: Path) -> None:
+    total = 40
+    straight = _start(tmp_path / "straight", total)
+    killed_run = tmp_path / "killed"
+    killed = _start(killed_run, total)
+    deadline = time.monotonic() + 240
+    while not (killed_run / "latest").is_file():
+        assert killed.poll() is None, killed.stderr.read()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(30)
+    assert not (killed_run / f"step_{total:08d}").exists(), "the run finished before it could be killed"
+    assert straight.wait(300) == 0, straight.stderr.read()
+    resumed = ["pretrain", "--config", str(STAGE1), "--resume", str(killed_run), f"out_dir={killed_run}"]
+    resumed += [f"data.paths=[{PAIRS / 'image_text.tsv'}]", f"optim.total_updates={total}", "save_every=10"]
+    assert main([*resumed, "keep_last=10"]) == 0
+    a, b = final_weights(tmp_path / "straight"), final_weights(killed_run)
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    rows_a, rows_b = metrics(tmp_path / "straight"), metrics(killed_run)
+    for step in range(1, total + 1):
+        assert rows_a[step]["total"] == rows_b[step]["total"], step
