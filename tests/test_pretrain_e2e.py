@@ -120,3 +120,39 @@ def test_kill_and_resume_is_exact(tmp_path: Path) -> None:
     rows_a, rows_b = metrics(tmp_path / "straight"), metrics(killed_run)
     for step in range(1, total + 1):
         assert rows_a[step]["total"] == rows_b[step]["total"], step
+
+
+def _torchrun(run: Path, *extra: str) -> None:
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "onepeace",
+        "pretrain",
+        "--config",
+        str(STAGE1),
+        f"out_dir={run}",
+        f"data.paths=[{PAIRS / 'image_text.tsv'}]",
+        "strategy=fsdp",
+        "optim.total_updates=6",
+        "save_every=3",
+        "keep_last=5",
+        *extra,
+    ]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_fsdp_run_resumes_exactly_under_torchrun(tmp_path: Path) -> None:
+    """Two gloo processes with FSDP2: 6 updates straight equal 3 updates, a stop, and a resume for 3 more."""
+    _torchrun(tmp_path / "straight")
+    _torchrun(tmp_path / "split", "max_updates=3")
+    _torchrun(tmp_path / "split", "--resume", str(tmp_path / "split"))
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    exported = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    assert all(torch.equal(exported[k], a[f"model.{k}"]) for k in exported)

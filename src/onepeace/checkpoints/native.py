@@ -26,11 +26,17 @@ def is_native_dir(path: str | Path) -> bool:
     return p.is_dir() and (p / CONFIG).is_file()
 
 
-def save_native(model: nn.Module, cfg: OnePeaceConfig, out_dir: str | Path, metadata: dict | None = None) -> Path:
-    """Write ``model``'s parameters (contiguous, no buffers) and config to ``out_dir``; each file atomically."""
+def save_native(
+    model: nn.Module | dict[str, torch.Tensor], cfg: OnePeaceConfig, out_dir: str | Path, metadata: dict | None = None
+) -> Path:
+    """Write a model's parameters (or a full state dict; contiguous, no buffers) and config to ``out_dir``.
+
+    Each file is written atomically.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = model if isinstance(model, dict) else model.state_dict()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     info = {"format": FORMAT, "config": cfg.to_dict(), **(metadata or {})}
     _atomic(out / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     _atomic(out / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))

@@ -94,10 +94,10 @@ def _check_plain(obj: Any, where: str) -> None:
     raise TypeError(f"{where}: {type(obj).__name__} cannot go into {TRAINER}; use tensors and plain values")
 
 
-def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Detached contiguous CPU tensors of the state dict; tensors sharing memory are copied apart."""
+def _weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached contiguous CPU tensors of a state dict; tensors sharing memory are copied apart."""
     out, seen = {}, set()
-    for key, value in module.state_dict().items():
+    for key, value in state.items():
         tensor = value.detach().cpu().contiguous()
         ptr = tensor.untyped_storage().data_ptr()
         out[key] = tensor.clone() if ptr in seen else tensor
@@ -149,17 +149,20 @@ def save_training_state(
     config_yaml: str = "",
     extra: dict[str, Any] | None = None,
     keep_last: int | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``run_dir/step_{step:08d}`` atomically, point ``latest`` at it, and keep the newest ``keep_last``.
 
     ``rng_states`` defaults to :func:`capture_rng_state` now; ``data_position`` and ``extra`` must be tensors or plain
-    values. Call on one rank only, with ``module.state_dict()`` holding full tensors. Returns the step directory.
+    values. Call on one rank only, with ``module.state_dict()`` holding full tensors, or pass full ``model_state`` /
+    ``optimizer_state`` gathered beforehand (sharded training). Returns the step directory.
     """
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     trainer = {
         "step": int(step),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
         "schedule": schedule.state_dict() if schedule is not None else None,
         "rng": capture_rng_state() if rng_states is None else rng_states,
         "data_position": data_position,
@@ -169,7 +172,8 @@ def save_training_state(
     tmp = Path(tempfile.mkdtemp(dir=run, prefix=_TMP_PREFIX))
     final = run / step_dir_name(step)
     try:
-        save_file(_weights(module), str(tmp / WEIGHTS), metadata={"step": str(step)})
+        weights = _weights(module.state_dict() if model_state is None else model_state)
+        save_file(weights, str(tmp / WEIGHTS), metadata={"step": str(step)})
         torch.save(trainer, tmp / TRAINER)
         (tmp / CONFIG).write_text(config_yaml)
         for path in (tmp / WEIGHTS, tmp / TRAINER, tmp / CONFIG, tmp):

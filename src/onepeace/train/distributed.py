@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -273,3 +273,35 @@ def _average_grad(param: Tensor) -> None:
     if param.grad is not None:
         dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
         param.grad.div_(dist.get_world_size())
+
+
+def full_state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Full (unsharded) model and optimizer state of an FSDP2 module, on CPU on rank 0 (empty elsewhere).
+
+    A collective: every rank must call it. The optimizer state is keyed by parameter name.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(module, options=options)
+    optimizer_state = get_optimizer_state_dict(module, optimizer, options=options)
+    return model_state, optimizer_state
+
+
+def load_full_state(
+    module: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Tensor], optimizer_state: dict[str, Any]
+) -> None:
+    """Load full state dicts (as written by :func:`full_state_dicts`) into an FSDP2 module and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(module, model_state, options=options)
+    set_optimizer_state_dict(module, optimizer, optimizer_state, options=options)

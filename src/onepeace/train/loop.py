@@ -77,7 +77,7 @@ def _accumulate(wrapped, batches, cfg: TrainConfig, device: torch.device) -> tup
 def pretrain(cfg: TrainConfig, resume: str | Path | None = None) -> RunResult:
     """Run (or resume) a pretraining recipe; rank 0 logs, checkpoints and exports the final backbone."""
     from onepeace.train.build import build_objective
-    from onepeace.train.checkpoint import export_inference_weights, latest_checkpoint, load_training_state
+    from onepeace.train.checkpoint import latest_checkpoint
     from onepeace.train.distributed import apply_activation_checkpointing, cleanup, init_distributed, wrap_model
     from onepeace.train.optim import build_optimizer
     from onepeace.train.schedule import LRSchedule, resolve_total
@@ -96,9 +96,7 @@ def pretrain(cfg: TrainConfig, resume: str | Path | None = None) -> RunResult:
     schedule = LRSchedule(optimizer, optim_cfg)
     step, epoch, skip = 0, 0, 0
     if resume is not None and latest_checkpoint(resume) is not None:
-        state = load_training_state(resume, objective, optimizer, schedule, restore_rng=False)
-        step = state["step"]
-        epoch, skip = state["data_position"]["epoch"], state["data_position"]["batch"]
+        step, (epoch, skip) = _resume(cfg, resume, objective, optimizer, schedule)
     last = optim_cfg.total_updates if cfg.max_updates is None else min(cfg.max_updates, optim_cfg.total_updates)
     logger = MetricsLogger(out_dir, dist.rank, cfg.tensorboard, dist.device)
     bar = progress_bar(last, dist.rank, initial=step, desc=f"stage {cfg.stage}")
@@ -114,9 +112,7 @@ def pretrain(cfg: TrainConfig, resume: str | Path | None = None) -> RunResult:
     finally:
         bar.close()
         logger.close()
-    model_dir = None
-    if dist.is_main:
-        model_dir = export_inference_weights(objective.model, objective.model.cfg, out_dir / "model")
+    model_dir = _export(cfg, dist, objective, optimizer, out_dir / "model")
     cleanup()
     return RunResult(out_dir, step, checkpoint, model_dir)
 
@@ -137,16 +133,39 @@ def _update(cfg, dist, wrapped, objective, optimizer, schedule, batches, logger,
     schedule.step()
     clamp_logit_scale_(objective)
     if (step + 1) % cfg.log_every == 0 or step == 0:
+        scalars = _mean_over_ranks(scalars, dist)
         extra = {"grad_norm": float(grad_norm), "epoch": info["epoch"]}
         seconds = time.perf_counter() - start
         logger.log(step + 1, scalars, lr, info["samples"], info["tokens"], seconds, info["skipped"], extra)
     return {"epoch": info["epoch"], "batch": info["batch"]}
 
 
+def _mean_over_ranks(scalars: dict[str, float], dist: DistInfo) -> dict[str, float]:
+    """Logged values averaged over ranks (a collective; every rank logs at the same updates)."""
+    if dist.world_size == 1:
+        return scalars
+    from onepeace.train.distributed import reduce_mean
+
+    names = sorted(scalars)
+    values = reduce_mean(torch.tensor([scalars[n] for n in names], dtype=torch.float64, device=dist.device))
+    return dict(zip(names, values.tolist()))
+
+
+def _full_states(cfg: TrainConfig, objective, optimizer) -> tuple[dict | None, dict | None]:
+    """Full model / optimizer state under FSDP (a collective on every rank); None, None otherwise."""
+    if cfg.strategy != "fsdp":
+        return None, None
+    from onepeace.train.distributed import full_state_dicts
+
+    return full_state_dicts(objective, optimizer)
+
+
 def _save(cfg, dist, objective, optimizer, schedule, step: int, position: dict[str, Any]) -> Path | None:
+    """Checkpoint on rank 0 (after gathering full states under FSDP); every rank waits for it."""
     from onepeace.train.checkpoint import save_training_state
     from onepeace.train.distributed import barrier
 
+    model_state, optimizer_state = _full_states(cfg, objective, optimizer)
     path = None
     if dist.is_main:
         path = save_training_state(
@@ -158,6 +177,41 @@ def _save(cfg, dist, objective, optimizer, schedule, step: int, position: dict[s
             data_position=position,
             config_yaml=dump_recipe(cfg),
             keep_last=cfg.keep_last,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
         )
     barrier()
     return path
+
+
+def _resume(cfg: TrainConfig, run_dir, objective, optimizer, schedule) -> tuple[int, tuple[int, int]]:
+    """Restore the latest checkpoint of ``run_dir``; returns the update count and the data position."""
+    from onepeace.train.checkpoint import latest_checkpoint, load_training_state
+
+    if cfg.strategy == "fsdp":
+        from safetensors.torch import load_file
+
+        from onepeace.train.distributed import load_full_state
+
+        step_dir = latest_checkpoint(run_dir)
+        trainer = torch.load(step_dir / "trainer.pt", map_location="cpu", weights_only=True)
+        load_full_state(objective, optimizer, load_file(str(step_dir / "model.safetensors")), trainer["optimizer"])
+        schedule.load_state_dict(trainer["schedule"])
+        state = {"step": trainer["step"], "data_position": trainer["data_position"]}
+    else:
+        state = load_training_state(run_dir, objective, optimizer, schedule, restore_rng=False)
+    position = state["data_position"]
+    return state["step"], (position["epoch"], position["batch"])
+
+
+def _export(cfg: TrainConfig, dist, objective, optimizer, out: Path) -> Path | None:
+    """Write the trained backbone as a native model directory (rank 0)."""
+    from onepeace.checkpoints.native import save_native
+
+    model_state, _ = _full_states(cfg, objective, optimizer)
+    if not dist.is_main:
+        return None
+    if model_state is None:
+        return save_native(objective.model, objective.model.cfg, out)
+    backbone = {k.removeprefix("model."): v for k, v in model_state.items() if k.startswith("model.")}
+    return save_native(backbone, objective.model.cfg, out)
