@@ -14,9 +14,6 @@ Gradient conventions checked (W = 2 ranks, B = 2 rows per rank, N = W * B):
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchrun import launch
 
 from onepeace.losses import contrastive_loss
 from onepeace.train import distributed as D
@@ -153,19 +151,7 @@ def dist_ready() -> bool:
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, torch.Tensor]]:
     """Run the worker on 2 gloo ranks once; the per-rank result dicts in rank order."""
     out_dir = tmp_path_factory.mktemp("dist")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1"]
-    cmd += ["--nproc_per_node", str(WORLD), "--max-restarts", "0", str(Path(__file__).resolve()), str(out_dir)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"2-process run timed out after {LAUNCH_TIMEOUT_S} s:\n{log.decode()[-4000:]}")
-    assert proc.returncode == 0, log.decode()[-6000:]
+    launch([str(Path(__file__).resolve()), str(out_dir)], WORLD, LAUNCH_TIMEOUT_S)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 

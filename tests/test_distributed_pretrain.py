@@ -25,10 +25,6 @@ parameters have no gradient there.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +32,7 @@ from pathlib import Path
 import dist_pretrain_worker as W
 import pytest
 import torch
+from torchrun import launch
 
 from onepeace.losses.named import NamedLosses
 
@@ -63,19 +60,7 @@ def _one_thread() -> Iterator[None]:
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[Results]:
     """Launch the worker on 2 gloo ranks once; the per-rank result dicts in rank order."""
     out_dir = tmp_path_factory.mktemp("dist_pretrain")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1"]
-    cmd += ["--nproc_per_node", str(W.WORLD), "--max-restarts", "0", str(WORKER), str(out_dir)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"2-process run timed out after {LAUNCH_TIMEOUT_S} s:\n{log.decode()[-4000:]}")
-    assert proc.returncode == 0, log.decode()[-6000:]
+    launch([str(WORKER), str(out_dir)], W.WORLD, LAUNCH_TIMEOUT_S)
     results = [torch.load(out_dir / f"rank{r}.pt") for r in range(W.WORLD)]
     assert [int(r["rank"]) for r in results] == list(range(W.WORLD))
     return results

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torchrun import launch
 
 from onepeace.cli import main
 from onepeace.data.pretrain import PretrainDataConfig
@@ -123,28 +124,9 @@ def test_kill_and_resume_is_exact(tmp_path: Path) -> None:
 
 
 def _torchrun(run: Path, *extra: str) -> None:
-    args = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "onepeace",
-        "pretrain",
-        "--config",
-        str(STAGE1),
-        f"out_dir={run}",
-        f"data.paths=[{PAIRS / 'image_text.tsv'}]",
-        "strategy=fsdp",
-        "optim.total_updates=6",
-        "save_every=3",
-        "keep_last=5",
-        *extra,
-    ]
-    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
+    args = ["-m", "onepeace", "pretrain", "--config", str(STAGE1), f"out_dir={run}"]
+    args += [f"data.paths=[{PAIRS / 'image_text.tsv'}]", "strategy=fsdp", "optim.total_updates=6", "save_every=3"]
+    launch([*args, "keep_last=5", *extra], nproc=2, timeout=300, cwd=ROOT)
 
 
 def test_fsdp_run_resumes_exactly_under_torchrun(tmp_path: Path) -> None:
