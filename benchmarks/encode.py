@@ -141,7 +141,7 @@ def measure(
     return out
 
 
-def _sdpa_cpu_flops(q: Sequence[int], k: Sequence[int], v: Sequence[int], *args: Any, **kwargs: Any) -> int:
+def sdpa_cpu_flops(q: Sequence[int], k: Sequence[int], v: Sequence[int], *args: Any, **kwargs: Any) -> int:
     """FLOPs of the CPU fused attention kernel: ``q @ k^T`` plus ``softmax(.) @ v``, 2 per MAC."""
     b, h, s_q, d = q
     s_k, d_v = k[-2], v[-1]
@@ -157,7 +157,7 @@ def count_flops(fn: Callable[..., torch.Tensor], inputs: Inputs) -> int:
     mapping: dict[Any, Any] = {}
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_sdpa is not None:
-        mapping[cpu_sdpa] = _sdpa_cpu_flops
+        mapping[cpu_sdpa] = sdpa_cpu_flops
     counter = FlopCounterMode(display=False, custom_mapping=mapping)
     with torch.inference_mode(), counter:
         fn(*inputs)
@@ -222,14 +222,14 @@ def format_table(rows: Sequence[Row]) -> str:
         else:
             ratio = "n/a"
         lines.append(
-            f"| {r.modality} | {r.precision} | {r.batch} | {_num(min(r.per_second))} | {_num(r.median)} "
-            f"| {_num(max(r.per_second))} | {r.unit} | {_num(r.gflop_per_item)} | {_num(r.achieved_gflops)} "
-            f"| {ratio} |"
+            f"| {r.modality} | {r.precision} | {r.batch} | {fmt_number(min(r.per_second))} "
+            f"| {fmt_number(r.median)} | {fmt_number(max(r.per_second))} | {r.unit} "
+            f"| {fmt_number(r.gflop_per_item)} | {fmt_number(r.achieved_gflops)} | {ratio} |"
         )
     return "\n".join(lines)
 
 
-def _num(value: float) -> str:
+def fmt_number(value: float) -> str:
     """Three significant figures without exponent notation (whole numbers from 1000 up)."""
     value = float(f"{value:.3g}") if abs(value) < 1000 else value
     if value == 0 or abs(value) >= 1000:
@@ -248,13 +248,13 @@ def run_modality(model: onepeace.OnePeace, modality: str, args: argparse.Namespa
     inputs = make_inputs(model, modality, batch, args)
     rows = []
     for precision in args.precisions:
-        _log(f"{modality} {precision}: batch {batch}, {args.warmup} warmup + {args.repeats} timed passes")
+        log(f"{modality} {precision}: batch {batch}, {args.warmup} warmup + {args.repeats} timed passes")
         per_second = measure(fn, inputs, precision, args.warmup, args.repeats, batch * units)
         rows.append(Row(modality, precision, batch, UNITS[modality], per_second, gflop_per_item))
     return rows
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
     """Progress message on stderr (stdout carries only the results)."""
     print(message, file=sys.stderr, flush=True)
 

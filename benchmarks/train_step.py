@@ -29,7 +29,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import statistics
@@ -59,7 +58,7 @@ from onepeace.train.objectives import PretrainObjective
 from onepeace.train.optim import build_optimizer, clamp_logit_scale_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encode import environment, environment_line  # noqa: E402
+from encode import environment, environment_line, fmt_number, log, precision_context, sdpa_cpu_flops  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
 EOS_ID = 2
@@ -219,13 +218,6 @@ def make_batch(batch: int, image_size: int, text_tokens: int, seed: int) -> Pret
     return PretrainBatch(text=text, image=image, views=views, num_samples=batch)
 
 
-def precision_context(precision: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast for ``"bf16"``, nothing for ``"fp32"``."""
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train_step(
     objective: PretrainObjective,
     optimizer: torch.optim.Optimizer,
@@ -248,13 +240,6 @@ def train_step(
     return float(losses.total.detach())
 
 
-def _sdpa_cpu_forward_flops(q: Sequence[int], k: Sequence[int], v: Sequence[int], *args: Any, **kwargs: Any) -> int:
-    """FLOPs of the CPU fused attention forward: ``q @ k^T`` and ``softmax(.) @ v``, 2 per MAC."""
-    b, h, s_q, d = q
-    s_k, d_v = k[-2], v[-1]
-    return 2 * b * h * s_q * s_k * d + 2 * b * h * s_q * s_k * d_v
-
-
 def _sdpa_cpu_backward_flops(
     grad_out: Sequence[int], q: Sequence[int], k: Sequence[int], v: Sequence[int], *args: Any, **kwargs: Any
 ) -> int:
@@ -275,7 +260,7 @@ def attention_formulas() -> dict[Any, Any]:
     forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
     if forward is not None:
-        mapping[forward] = _sdpa_cpu_forward_flops
+        mapping[forward] = sdpa_cpu_flops
     if backward is not None:
         mapping[backward] = _sdpa_cpu_backward_flops
     return mapping
@@ -327,7 +312,7 @@ def measure(
         seconds = time.perf_counter() - start
         rates.append(batch.batch_size / seconds)
         losses.append(loss)
-        _log(f"  {precision} step {i + 1}/{repeats}: {seconds:.1f} s, loss {loss:.3f}")
+        log(f"  {precision} step {i + 1}/{repeats}: {seconds:.1f} s, loss {loss:.3f}")
     if not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"{precision}: a timed step produced a non-finite loss {losses}")
     return rates, losses
@@ -347,25 +332,11 @@ def format_table(rows: Sequence[Row]) -> str:
         else:
             ratio = f"{r.median / fp32[r.batch]:.2f}" if r.batch in fp32 else "n/a"
         lines.append(
-            f"| {r.precision} | {r.batch} | {r.warmup} + {r.repeats} | {_num(min(r.samples_per_second))} "
-            f"| {_num(r.median)} | {_num(max(r.samples_per_second))} | {_num(r.seconds_per_step)} "
-            f"| {_num(r.gflop_per_sample)} | {_num(r.achieved_gflops)} | {100 * r.mfu:.1f}% | {ratio} |"
+            f"| {r.precision} | {r.batch} | {r.warmup} + {r.repeats} | {fmt_number(min(r.samples_per_second))} "
+            f"| {fmt_number(r.median)} | {fmt_number(max(r.samples_per_second))} | {fmt_number(r.seconds_per_step)} "
+            f"| {fmt_number(r.gflop_per_sample)} | {fmt_number(r.achieved_gflops)} | {100 * r.mfu:.1f}% | {ratio} |"
         )
     return "\n".join(lines)
-
-
-def _num(value: float) -> str:
-    """Three significant figures without exponent notation (whole numbers from 1000 up)."""
-    value = float(f"{value:.3g}") if abs(value) < 1000 else value
-    if value == 0 or abs(value) >= 1000:
-        return f"{value:.0f}"
-    decimals = max(0, 2 - math.floor(math.log10(abs(value))))
-    return f"{value:.{decimals}f}"
-
-
-def _log(message: str) -> None:
-    """Progress message on stderr (stdout carries only the results)."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -382,19 +353,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     plans = plan_rows(args)
     batches = {b: make_batch(b, args.image_size, args.text_tokens, args.seed) for b in sorted({p.batch for p in plans})}
 
-    _log(f"peak: {args.matmul_repeats} fp32 matmuls of {args.matmul_size}^2")
+    log(f"peak: {args.matmul_repeats} fp32 matmuls of {args.matmul_size}^2")
     peak_rates = measure_matmul_peak(args.matmul_size, args.matmul_repeats)
     peak = statistics.median(peak_rates)
-    _log(f"peak: median {peak:.1f} GFLOP/s")
+    log(f"peak: median {peak:.1f} GFLOP/s")
     flops: dict[int, FlopCount] = {}
     for size, batch in batches.items():
-        _log(f"counting the FLOPs of one fp32 step at batch {size}")
+        log(f"counting the FLOPs of one fp32 step at batch {size}")
         flops[size] = count_step_flops(objective, batch)
 
     rows: list[Row] = []
     losses: dict[str, list[float]] = {}
     for plan in plans:
-        _log(f"{plan.precision}: batch {plan.batch}, {plan.warmup} warmup + {plan.repeats} timed steps")
+        log(f"{plan.precision}: batch {plan.batch}, {plan.warmup} warmup + {plan.repeats} timed steps")
         rates, losses[f"{plan.precision}_batch{plan.batch}"] = measure(
             objective,
             optimizer,
