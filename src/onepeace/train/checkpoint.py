@@ -264,8 +264,10 @@ def load_training_state(
     }
 
 
-def export_inference_weights(model: nn.Module, cfg: OnePeaceConfig, out_dir: str | Path) -> Path:
-    """Write the backbone alone as a native inference checkpoint (loadable with ``onepeace.load``)."""
+def export_inference_weights(
+    model: nn.Module | dict[str, torch.Tensor], cfg: OnePeaceConfig, out_dir: str | Path
+) -> Path:
+    """Write the backbone (a module or its full state dict) as a native inference checkpoint for ``onepeace.load``."""
     from onepeace.checkpoints.native import save_native
 
     return save_native(model, cfg, out_dir)

@@ -275,21 +275,22 @@ def _average_grad(param: Tensor) -> None:
         param.grad.div_(dist.get_world_size())
 
 
+def full_model_state(module: nn.Module) -> dict[str, Tensor]:
+    """Full (unsharded) state dict of an FSDP2 module, on CPU on rank 0 (empty elsewhere); a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def full_state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Full (unsharded) model and optimizer state of an FSDP2 module, on CPU on rank 0 (empty elsewhere).
 
     A collective: every rank must call it. The optimizer state is keyed by parameter name.
     """
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(module, options=options)
-    optimizer_state = get_optimizer_state_dict(module, optimizer, options=options)
-    return model_state, optimizer_state
+    return full_model_state(module), get_optimizer_state_dict(module, optimizer, options=options)
 
 
 def load_full_state(

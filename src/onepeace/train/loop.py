@@ -112,7 +112,7 @@ def pretrain(cfg: TrainConfig, resume: str | Path | None = None) -> RunResult:
     finally:
         bar.close()
         logger.close()
-    model_dir = _export(cfg, dist, objective, optimizer, out_dir / "model")
+    model_dir = _export(cfg, dist, objective, out_dir / "model")
     cleanup()
     return RunResult(out_dir, step, checkpoint, model_dir)
 
@@ -204,14 +204,14 @@ def _resume(cfg: TrainConfig, run_dir, objective, optimizer, schedule) -> tuple[
     return state["step"], (position["epoch"], position["batch"])
 
 
-def _export(cfg: TrainConfig, dist, objective, optimizer, out: Path) -> Path | None:
-    """Write the trained backbone as a native model directory (rank 0)."""
-    from onepeace.checkpoints.native import save_native
+def _export(cfg: TrainConfig, dist, objective, out: Path) -> Path | None:
+    """Write the trained backbone as a native model directory (rank 0; a collective under FSDP)."""
+    from onepeace.train.checkpoint import export_inference_weights
 
-    model_state, _ = _full_states(cfg, objective, optimizer)
-    if not dist.is_main:
-        return None
-    if model_state is None:
-        return save_native(objective.model, objective.model.cfg, out)
-    backbone = {k.removeprefix("model."): v for k, v in model_state.items() if k.startswith("model.")}
-    return save_native(backbone, objective.model.cfg, out)
+    backbone = objective.model
+    if cfg.strategy == "fsdp":
+        from onepeace.train.distributed import full_model_state
+
+        state = full_model_state(objective)
+        backbone = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    return export_inference_weights(backbone, objective.model.cfg, out) if dist.is_main else None

@@ -13,7 +13,6 @@ position table (the audio one included) is exempt like the others.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from fnmatch import fnmatchcase
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from onepeace.model.onepeace import LOGIT_SCALE_MAX
 from onepeace.train.config import OptimConfig
 
 BACKBONE_NO_DECAY = (
@@ -175,9 +175,6 @@ def drop_image_branch(state_dict: Mapping[str, Any], keep_logit_scale: bool = Fa
             continue
         out[key] = value
     return out
-
-
-LOGIT_SCALE_MAX = math.log(100.0)
 
 
 @torch.no_grad()
