@@ -138,3 +138,19 @@ def test_fsdp_run_resumes_exactly_under_torchrun(tmp_path: Path) -> None:
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     exported = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     assert all(torch.equal(exported[k], a[f"model.{k}"]) for k in exported)
+
+
+def test_stage2_export_is_the_complete_three_modality_model(stage_runs: tuple[Path, Path]) -> None:
+    import onepeace
+
+    one, two = stage_runs
+    model = onepeace.load(str(two / "model"))
+    assert set(model.cfg.modalities) == {"text", "image", "audio"}
+    stage1 = final_weights(one)
+    state = model.model.state_dict()
+    image_keys = [k for k in state if ".image" in f".{k}"]
+    assert len(image_keys) > 10
+    for key in image_keys:  # the image branch is stage 1's, bit for bit
+        assert torch.equal(state[key], stage1[f"model.{key}"]), key
+    emb = model.embed(text=["A frog."], image=[PAIRS / "images" / "frog.png"], audio=[PAIRS / "audio" / "frog.ogg"])
+    assert emb.text.shape == emb.image.shape == emb.audio.shape == (1, model.cfg.embed_dim)

@@ -11,7 +11,7 @@ from onepeace.model import OnePeaceModel
 from onepeace.model.decoder import PretrainDecoder
 from onepeace.train.config import TrainConfig
 from onepeace.train.objectives import PretrainObjective
-from onepeace.train.optim import drop_image_branch, stage2_freeze
+from onepeace.train.optim import drop_image_branch, is_image_key, stage2_freeze
 
 #: Parameters that no forward pass reads (kept for checkpoint compatibility); they are never trained.
 DEAD_PARAMETERS = ("model.adapters.audio.mask_embedding",)
@@ -78,3 +78,12 @@ def build_objective(cfg: TrainConfig, gather=None, rank: int = 0) -> PretrainObj
         if name in DEAD_PARAMETERS:
             param.requires_grad_(False)
     return objective
+
+
+def image_branch(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone's image-branch tensors of :func:`read_start_weights` output, under backbone names.
+
+    Stage 2 freezes every part the image branch works with (shared attention, text branch, spec §5.6), so the
+    stage-1 image branch joins the stage-2 backbone unchanged: together they are the complete three-modality model.
+    """
+    return {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.") and is_image_key(k)}

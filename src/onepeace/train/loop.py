@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from onepeace.modality import Modality
 from onepeace.train.config import TrainConfig, dump_recipe
 from onepeace.train.distributed import DistInfo
 
@@ -205,13 +206,27 @@ def _resume(cfg: TrainConfig, run_dir, objective, optimizer, schedule) -> tuple[
 
 
 def _export(cfg: TrainConfig, dist, objective, out: Path) -> Path | None:
-    """Write the trained backbone as a native model directory (rank 0; a collective under FSDP)."""
+    """Write the trained backbone as a native model directory (rank 0; a collective under FSDP).
+
+    Stage 2 started from a stage-1 run adds that run's image branch, so the exported model has all three modalities.
+    """
     from onepeace.train.checkpoint import export_inference_weights
 
-    backbone = objective.model
     if cfg.strategy == "fsdp":
         from onepeace.train.distributed import full_model_state
 
         state = full_model_state(objective)
         backbone = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    return export_inference_weights(backbone, objective.model.cfg, out) if dist.is_main else None
+    else:
+        backbone = dict(objective.model.state_dict())
+    if not dist.is_main:
+        return None
+    model_cfg = objective.model.cfg
+    if cfg.stage == 2 and cfg.model.init_from:
+        from onepeace.train.build import image_branch, read_start_weights
+
+        image = image_branch(read_start_weights(cfg.model.init_from))
+        if image:
+            backbone.update(image)
+            model_cfg = model_cfg.replace(modalities=(Modality.TEXT, Modality.IMAGE, Modality.AUDIO))
+    return export_inference_weights(backbone, model_cfg, out)

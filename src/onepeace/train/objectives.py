@@ -47,7 +47,10 @@ class PretrainObjective(nn.Module):
         self.rank = rank
 
     def forward(self, batch: PretrainBatch) -> NamedLosses:
-        return self._stage1(batch) if self.stage == 1 else self._stage2(batch)
+        if self.stage == 1:
+            return self._stage1(batch)
+        with self.model.adapters[A].sharing_frame_features():  # four passes over one waveform batch
+            return self._stage2(batch)
 
     # ------------------------------------------------------------------------------------------------ pieces
     def _student(

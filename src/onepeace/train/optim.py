@@ -158,7 +158,8 @@ def stage2_freeze(module: nn.Module, backbone_prefix: str | None = None) -> tupl
     return frozen, trainable
 
 
-def _is_image_key(key: str) -> bool:
+def is_image_key(key: str) -> bool:
+    """True for a key of the image branch: a dotted part ``image`` or ``image_*``."""
     return any(part == "image" or part.startswith("image_") for part in key.split("."))
 
 
@@ -171,7 +172,7 @@ def drop_image_branch(state_dict: Mapping[str, Any], keep_logit_scale: bool = Fa
     """
     out = {}
     for key, value in state_dict.items():
-        if _is_image_key(key) or (not keep_logit_scale and key.rsplit(".", 1)[-1] == "logit_scale"):
+        if is_image_key(key) or (not keep_logit_scale and key.rsplit(".", 1)[-1] == "logit_scale"):
             continue
         out[key] = value
     return out

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,9 +72,35 @@ class AudioAdapter(nn.Module):
         self.mask_embedding = nn.Parameter(torch.zeros(1, dim))
         index = sequence_rel_pos_index(acfg.bucket_size, acfg.max_rel_positions)
         self.rel_pos = RelPosBias(index, 2 * acfg.bucket_size + 2, cfg.heads, cfg.num_rel_pos_tables)
+        self._shared: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @contextmanager
+    def sharing_frame_features(self) -> Iterator[None]:
+        """Inside the block, the frame features of a waveform tensor are computed once and reused by every pass.
+
+        The conv stack has no randomness, so each pass sees the values a separate computation gives, and the
+        gradients of the passes add up in the one shared graph, as they would over separate graphs. The features
+        are computed with autograd on even inside ``torch.no_grad`` (a teacher pass may come first); passes under
+        ``no_grad`` still record nothing beyond them. Pretraining runs several masked views of one batch this way.
+        """
+        self._shared = {}
+        try:
+            yield
+        finally:
+            self._shared = None
 
     def frame_features(self, waveform: torch.Tensor) -> torch.Tensor:
         """Extractor -> LayerNorm -> Linear: ``[B, N] -> [B, T, D]``."""
+        if self._shared is None:
+            return self._frame_features(waveform)
+        hit = self._shared.get(id(waveform))
+        if hit is None or hit[0] is not waveform:
+            with torch.enable_grad():
+                hit = (waveform, self._frame_features(waveform))
+            self._shared[id(waveform)] = hit
+        return hit[1]
+
+    def _frame_features(self, waveform: torch.Tensor) -> torch.Tensor:
         if waveform.ndim != 2:
             raise ValueError(f"waveform must be [B, N], got shape {tuple(waveform.shape)}")
         waveform = waveform.to(self.extractor[0].conv.weight.dtype)  # also under mixed precision
