@@ -37,19 +37,27 @@ def load(
     image_size: int | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    pretrained: bool = True,
 ) -> OnePeace:
     """Load ONE-PEACE in eval mode.
 
     Args:
-        path_or_variant: a variant name (random initialisation, see ``onepeace.list_variants()``), an official
-            fairseq ``.pt`` checkpoint, or a directory with ``model.safetensors`` + ``config.json``.
+        path_or_variant: a variant name (see ``onepeace.list_variants()``), an official fairseq ``.pt``
+            checkpoint, or a directory with ``model.safetensors`` + ``config.json``. ``onepeace-small`` loads the
+            weights shipped with the package; the other variants are randomly initialised.
         image_size: input resolution in pixels (multiple of 16); the image position tables are adapted.
         device: where to put the model (default CPU).
-        dtype: parameter dtype, e.g. ``torch.bfloat16`` or ``"bf16"`` (default: as stored; float32 for variants).
+        dtype: parameter dtype, e.g. ``torch.bfloat16`` or ``"bf16"`` (default: as stored; float32 for variants
+            and shipped weights).
+        pretrained: False gives a randomly initialised model even for a variant that ships weights.
     """
     from onepeace.checkpoints.state import build_model, change_image_size
+    from onepeace.pretrained import shipped_weights
 
     dtype = _parse_dtype(dtype)
+    shipped = shipped_weights(path_or_variant) if pretrained and isinstance(path_or_variant, str) else None
+    if shipped is not None:
+        path_or_variant, dtype = shipped, dtype or torch.float32
     if isinstance(path_or_variant, str) and path_or_variant in VARIANTS:
         cfg = VARIANTS[path_or_variant]
         if image_size is not None:
@@ -87,13 +95,20 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {dtype!r}; use one of: {', '.join(sorted(_DTYPES))}") from None
 
 
-def convert(official_path: str | Path, out_dir: str | Path) -> Path:
-    """Convert an official ``.pt`` to a native directory (``model.safetensors`` + ``config.json``)."""
+def convert(source: str | Path, out_dir: str | Path, dtype: torch.dtype | str | None = None) -> Path:
+    """Write ``source`` (an official ``.pt`` or a native directory) as a native directory, optionally cast to ``dtype``
+    (e.g. ``"bf16"`` halves the file; :func:`load` reads it back in any dtype)."""
     from onepeace.checkpoints.native import save_native
     from onepeace.checkpoints.official import read_official
     from onepeace.checkpoints.state import build_model
 
-    cfg, tensors, report = read_official(official_path)
-    model = build_model(cfg, tensors, f"official checkpoint {official_path}")
-    meta = {"converted_from": Path(official_path).name, "ignored_pretraining_keys": len(report.pretrain_only)}
+    target = _parse_dtype(dtype)
+    if Path(source).is_dir():
+        cfg, tensors, _ = read_weights(source)
+        model = build_model(cfg, tensors, f"checkpoint {source}", target)
+        meta: dict = {"converted_from": Path(source).name}
+    else:
+        cfg, tensors, report = read_official(source)
+        model = build_model(cfg, tensors, f"official checkpoint {source}", target)
+        meta = {"converted_from": Path(source).name, "ignored_pretraining_keys": len(report.pretrain_only)}
     return save_native(model, cfg, out_dir, metadata=meta)
