@@ -1,4 +1,4 @@
-"""Command line: ``onepeace embed | convert | info | pretrain`` (also ``python -m onepeace``).
+"""Command line: ``onepeace embed | convert | info | pretrain | data | demo | evaluate`` (also ``python -m onepeace``).
 
 Parsing and ``--help`` import nothing heavy; torch and the model are imported by the command that needs them.
 Errors end the run with one line ``onepeace: error: <message>`` on stderr and exit code 2 (``--debug`` shows
@@ -12,7 +12,7 @@ import json
 import sys
 import traceback
 
-from onepeace import cli_embed
+from onepeace import cli_data, cli_demo, cli_embed, cli_evaluate
 from onepeace.errors import OnePeaceError
 
 EXIT_ERROR = 2
@@ -25,7 +25,7 @@ def _convert(args: argparse.Namespace) -> int:
     import onepeace
     from onepeace.info import describe
 
-    out = onepeace.convert(args.checkpoint, args.out_dir)
+    out = onepeace.convert(args.checkpoint, args.out_dir, dtype=args.dtype)
     info = describe(str(out))
     print(f"converted {args.checkpoint} -> {out}")
     for name, size in info["files"].items():
@@ -82,15 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     cli_embed.add_parser(sub, [debug])
+    cli_evaluate.add_parser(sub, [debug])
     p = sub.add_parser(
         "convert",
         parents=[debug],
-        help="convert an official .pt checkpoint to a model folder",
+        help="convert an official .pt checkpoint (or re-cast a model folder) to a model folder",
         description="Convert an official ONE-PEACE .pt checkpoint into a folder with "
-        "model.safetensors and config.json (loads without pickle).",
+        "model.safetensors and config.json (loads without pickle); --dtype bf16 halves the size.",
     )
-    p.add_argument("checkpoint", metavar="OFFICIAL.pt", help="official fairseq checkpoint")
+    p.add_argument("checkpoint", metavar="SOURCE", help="official fairseq .pt checkpoint, or a model folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (created if missing)")
+    p.add_argument("--dtype", help="store the weights in this dtype, e.g. bf16 (default: as read)")
     p.set_defaults(handler=_convert)
     p = sub.add_parser(
         "info",
@@ -103,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=_info)
     _add_pretrain(sub, [debug])
+    cli_data.add_parser(sub, [debug])
+    cli_demo.add_parser(sub, [debug])
     return parser
 
 

@@ -1,0 +1,1 @@
+"""``onepeace demo``: search the held-out demo corpus with the shipped model and report what it finds."""
