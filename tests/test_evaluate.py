@@ -241,6 +241,24 @@ def test_corpus_without_audio_reports_absent_directions(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_model_without_audio_branch_reports_audio_sets_absent(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from onepeace.api import OnePeace
+    from onepeace.model.onepeace import OnePeaceModel
+    from onepeace.variants import VARIANTS
+
+    cfg = replace(VARIANTS["onepeace-tiny"], modalities=("text", "image"))  # as after stage 1
+    model = OnePeace(OnePeaceModel(cfg).eval())
+    rep = retrieval.evaluate_retrieval(model, write_corpus(tmp_path / "c"), batch_size=4, progress=False)
+    d = by_name(rep)
+    assert d["image->text"].absent is None and d["image->text"].queries == 4
+    for name in ("audio->text", "text->audio", "audio->image"):
+        assert d[name].absent == "the model has no audio branch"
+    zero = {z.task: z for z in rep.zero_shot}
+    assert zero["shapes"].accuracy is not None and zero["digits"].absent == "the model has no audio branch"
+
+
 def test_plots_need_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rep = retrieval.RetrievalReport("corpus", "m", (1,), (), ())
     monkeypatch.setitem(sys.modules, "matplotlib", None)

@@ -42,6 +42,11 @@ class OnePeace(nn.Module):
     def image_size(self) -> int:
         return self.cfg.image.image_size
 
+    @property
+    def modalities(self) -> tuple[Modality, ...]:
+        """The modalities this model embeds (a stage-1 model has text and image only)."""
+        return self.model.modalities
+
     # ----------------------------------------------------------------------------------------- preprocessing
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         """Official API token ids ``LongTensor [B, n]``: lowercased, BPE, <= 70 ids + eos, right-padded with 1."""

@@ -182,6 +182,28 @@ def build_protocol(corpus: HeldoutCorpus) -> Protocol:
     return Protocol(retrieval, tuple(_zero_shot_set(corpus.items, t) for t in corpus.tasks))
 
 
+def restrict_protocol(protocol: Protocol, available: Sequence[str]) -> Protocol:
+    """``protocol`` with every set that needs a modality outside ``available`` marked absent (with the reason)."""
+
+    def missing(*modalities: str) -> str | None:
+        lacking = [m for m in modalities if m not in available]
+        return f"the model has no {lacking[0]} branch" if lacking else None
+
+    retrieval = tuple(
+        _empty(s.name, s.query_modality, s.gallery_modality, why)
+        if s.reason is None and (why := missing(s.query_modality, s.gallery_modality))
+        else s
+        for s in protocol.retrieval
+    )
+    zero_shot = tuple(
+        ZeroShotSet(z.task, (), torch.zeros(0, dtype=torch.long), z.prompts, why)
+        if z.reason is None and (why := missing(z.task.modality, "text"))
+        else z
+        for z in protocol.zero_shot
+    )
+    return Protocol(retrieval, zero_shot, protocol.notes)
+
+
 # ------------------------------------------------------------------------------------------------ embedding
 @dataclass(frozen=True, eq=False)
 class EmbeddingTable:
@@ -278,6 +300,8 @@ def evaluate_retrieval(
     ks = tuple(sorted(set(ks)))
     corpus = data if isinstance(data, HeldoutCorpus) else load_corpus(data)
     protocol = build_protocol(corpus)
+    if hasattr(model, "modalities"):
+        protocol = restrict_protocol(protocol, [str(getattr(m, "value", m)) for m in model.modalities])
     table = (embed or embed_protocol)(model, protocol, batch_size, progress)
     return RetrievalReport(
         data_dir=str(corpus.root),
