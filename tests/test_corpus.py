@@ -145,6 +145,19 @@ def test_heldout_only_and_limit(tmp_path: Path) -> None:
         BuildOptions(splits=("test",))
 
 
+def test_heldout_only_rebuild_keeps_the_train_split_and_its_counts(tmp_path: Path) -> None:
+    (tmp_path / "broken.png").write_bytes(b"")
+    out = tmp_path / "c"
+    full = build_demo_corpus(out, [FakeSource(tmp_path)], BuildOptions(0.3, progress=False))[0]
+    train = (out / "items_train.jsonl").read_text()
+    again = build_demo_corpus(out, [FakeSource(tmp_path)], BuildOptions(0.3, ("heldout",), progress=False))[0]
+    assert (out / "items_train.jsonl").read_text() == train
+    assert (again.items, again.images, again.clips) == (full.items, full.images, full.clips) and full.items["train"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sources"][0]["items"] == full.items
+    assert f"| {full.items['train']} / {full.items['heldout']} |" in (out / "SOURCES.md").read_text()
+
+
 def test_no_available_source_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="no source gave any item"):
         build_demo_corpus(tmp_path, [FakeSource(tmp_path, ready=False)], BuildOptions(progress=False))

@@ -6,6 +6,7 @@ rewritten from the items each time, so a second run over a finished corpus only 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterable
@@ -62,6 +63,13 @@ class SourceReport:
     seconds: float = 0.0
     failed: int = 0
     """Items left out because their media could not be read."""
+
+    def count(self, split: str, record: dict[str, Any]) -> None:
+        """Add one written item (its JSONL record) to the counts."""
+        self.items[split] += 1
+        self.images += len(record["images"])
+        self.clips += record["audio"] is not None
+        self.seconds += record["duration"] or 0.0
 
 
 def _media_path(key: str, suffix: str) -> str:
@@ -135,11 +143,23 @@ def _build_source(source: Source, out: Path, options: BuildOptions, rows: Corpus
             continue
         record["source"] = source.name
         rows.add(split, record)
-        report.items[split] += 1
-        report.images += len(record["images"])
-        report.clips += record["audio"] is not None
-        report.seconds += record["duration"] or 0.0
+        report.count(split, record)
     return report
+
+
+def _count_unbuilt_splits(out: Path, options: BuildOptions, reports: list[SourceReport]) -> None:
+    """Add the items of splits this run left alone (written by an earlier build) to the reports, so that the
+    manifest and SOURCES.md always describe every file in ``out``."""
+    by_name = {r.name: r for r in reports}
+    for split in SPLITS:
+        path = out / f"items_{split}.jsonl"
+        if split in options.splits or not path.is_file():
+            continue
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                record = json.loads(line)
+                if record.get("source") in by_name:
+                    by_name[record["source"]].count(split, record)
 
 
 def build_demo_corpus(out: str | os.PathLike, sources: list[Source], options: BuildOptions) -> list[SourceReport]:
@@ -155,6 +175,7 @@ def build_demo_corpus(out: str | os.PathLike, sources: list[Source], options: Bu
             tasks.update({task.name: task for task in source.tasks()})
     if not rows.total():
         raise RuntimeError("no source gave any item; see the messages above for how to install the sources")
+    _count_unbuilt_splits(out, options, reports)
     manifest = {
         "format": FORMAT_VERSION,
         "heldout_fraction": options.heldout_fraction,
