@@ -170,6 +170,7 @@ def test_metrics_jsonl_and_rank_behaviour(tmp_path: Path, monkeypatch: pytest.Mo
     assert first["step"] == 10 and first["loss"] == 1.5 and first["itc_loss"] == 0.25 and first["lr"] == 1e-4
     assert first["samples_per_s"] == 32.0 and first["tokens_per_s"] == 320.0 and first["max_memory_mb"] > 0
     assert second["skipped"] == 3 and second["epoch"] == 1 and second["samples_per_s"] == 16.0
+    assert 0.0 <= first["elapsed_s"] <= second["elapsed_s"] < 60.0
     other = MetricsLogger(tmp_path / "rank1", rank=1)
     assert other.log(1, {"loss": 1.0}, 1.0, 1, 1, 1.0) is None and not (tmp_path / "rank1").exists()
     with progress_bar(10, rank=1) as bar:

@@ -56,7 +56,12 @@ def _add_retrieval(tasks: Any, parents: list[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--model", required=True, metavar="PATH_OR_VARIANT", help="official .pt, model folder or variant")
     p.add_argument("--data", required=True, metavar="DIR", help="corpus folder with items_heldout.jsonl")
-    p.add_argument("--out", required=True, metavar="OUT_DIR", help="folder for the metrics and plots")
+    p.add_argument(
+        "--out",
+        default="out/evaluate",
+        metavar="OUT_DIR",
+        help="folder for the metrics and plots (default out/evaluate)",
+    )
     p.add_argument(
         "--runs",
         nargs="+",

@@ -1,7 +1,8 @@
 """Run metrics, written by rank 0 only: a JSONL file, a progress bar and optional TensorBoard scalars.
 
 Each line of ``metrics.jsonl`` is one log step: ``step``, every loss term, ``lr``, ``samples_per_s``,
-``tokens_per_s``, ``max_memory_mb`` and ``skipped`` (records dropped by the data pipeline), plus any extras.
+``tokens_per_s``, ``max_memory_mb``, ``skipped`` (records dropped by the data pipeline) and ``elapsed_s`` (wall-clock
+seconds since this process opened the log, so a resumed run counts from its restart), plus any extras.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -67,6 +69,7 @@ class MetricsLogger:
         self.path = Path(out_dir) / filename
         self._file = None
         self._tb = None
+        self._opened = time.perf_counter()
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")
@@ -99,6 +102,7 @@ class MetricsLogger:
             tokens_per_s=tokens * rate,
             max_memory_mb=max_memory_mb(self.device),
             skipped=int(skipped),
+            elapsed_s=round(time.perf_counter() - self._opened, 3),
         )
         record.update({name: _number(v) if isinstance(v, torch.Tensor) else v for name, v in (extra or {}).items()})
         self._file.write(json.dumps(record) + "\n")
