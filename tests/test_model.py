@@ -134,3 +134,24 @@ def test_bf16_forward() -> None:
     model = tiny().to(torch.bfloat16)
     out = model.encode_audio(torch.randn(2, 16000), torch.zeros(2, 50, dtype=torch.bool))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_zero_padding_does_not_blow_up_audio_extractor_gradients() -> None:
+    """Zero-padded samples give all-zero conv outputs; the norm there must not amplify gradients by 1/sqrt(eps)
+    per layer (~1e14 through the small variant's stack), and the forward values stay those of a plain pass."""
+    from onepeace.modality import Modality
+
+    torch.manual_seed(0)
+    model = OnePeaceModel(get_variant("onepeace-small")).train()
+    adapter = model.adapter(Modality.AUDIO)
+    waveform = torch.zeros(2, 16000)
+    waveform[0, :6000] = torch.randn(6000)  # 0.375 s of sound, then padding
+    waveform[1] = torch.randn(16000)
+    feats = adapter.frame_features(waveform)
+    with torch.no_grad():
+        plain = adapter.frame_features(waveform)
+    assert torch.equal(feats, plain)
+    feats.pow(2).mean().backward()  # the frames at the edge of the sound see padding too
+    norms = {n: p.grad.norm().item() for n, p in adapter.named_parameters() if p.grad is not None}
+    assert all(torch.isfinite(torch.tensor(v)) for v in norms.values())
+    assert max(norms.values()) < 1e3, max(norms.items(), key=lambda kv: kv[1])

@@ -17,7 +17,14 @@ from onepeace.model.position import RelPosBias, sequence_rel_pos_index
 
 
 class ConvBlock(nn.Module):
-    """Conv1d -> LayerNorm over channels -> GELU, ``[B, C_in, T] -> [B, C_out, T']``."""
+    """Conv1d -> LayerNorm over channels -> GELU, ``[B, C_in, T] -> [B, C_out, T']``.
+
+    Where the conv output is exactly zero in every channel (zero padding or digital silence under the receptive
+    field) the LayerNorm output is its bias whatever the input, yet its input gradient is scaled by 1/sqrt(eps)
+    ~ 316; through the zero-initialised stack that compounds to ~1e14 and swamps every other gradient under
+    norm clipping. The backward pass therefore treats the norm output at those positions as a constant. The
+    forward values are unchanged.
+    """
 
     def __init__(self, conv: nn.Conv1d, affine: bool = True, trim_last: bool = False) -> None:
         super().__init__()
@@ -29,7 +36,11 @@ class ConvBlock(nn.Module):
         x = self.conv(x)
         if self.trim_last:
             x = x[..., :-1]
-        return F.gelu(self.norm(x))
+        y = self.norm(x)
+        if torch.is_grad_enabled() and y.requires_grad:
+            blank = x.detach().abs().amax(dim=1, keepdim=True) == 0
+            y = torch.where(blank, y.detach(), y)
+        return F.gelu(y)
 
 
 def feature_extractor(layers: tuple[tuple[int, int, int], ...]) -> nn.Sequential:
