@@ -54,6 +54,28 @@ def test_emoji_captions_and_concepts() -> None:
     assert describe("MUSICAL KEYBOARD", "Objects")[1] == "piano"
 
 
+def test_numerals_are_drawn_reproducibly_with_their_digit(tmp_path: Path) -> None:
+    from onepeace.corpus.sources.numerals import FONT_DIR, NumeralSource
+
+    assert FONT_DIR.is_dir(), "apt-get install fonts-dejavu-core"
+    source = NumeralSource(render_dir=tmp_path / "a")
+    assert source.prepare() is None
+    items = list(source.items())
+    assert len(items) == len({i.key for i in items}) == 960
+    seven = next(i for i in items if i.key == "numerals/seven_number_DejaVuSerif_red")
+    assert (seven.caption, seven.concept, dict(seven.labels)) == (
+        "the number seven in red",
+        "seven",
+        {"numerals": "seven"},
+    )
+    again = next(i for i in NumeralSource(render_dir=tmp_path / "b").items() if i.key == seven.key)
+    assert seven.images[0].read_bytes() == again.images[0].read_bytes()
+    pixels = np.asarray(Image.open(seven.images[0]).convert("RGB"), dtype=np.int32)
+    inked = np.abs(pixels - np.array([200, 30, 30])).sum(axis=-1) < 60  # the red ink
+    assert pixels.shape == (128, 128, 3) and 200 < inked.sum() < 128 * 128 // 3
+    assert "fonts-dejavu-core" in NumeralSource(font_dir=tmp_path).prepare()
+
+
 def test_trim_silence_keeps_the_sound_in_whole_frames() -> None:
     wave = np.zeros(1000, dtype=np.float32)
     wave[330:500] = 0.5
@@ -168,7 +190,7 @@ def test_cli_builds_from_the_real_sources(tmp_path: Path, capsys: pytest.Capture
     for tool in ("espeak-ng", "fluidsynth"):
         assert shutil.which(tool), f"{tool} missing: apt-get install espeak-ng fluidsynth timgm6mb-soundfont"
     out = tmp_path / "demo"
-    sources = "tuxpaint,espeak,instruments"
+    sources = "tuxpaint,numerals,espeak,instruments"
     assert main(["data", "build-demo", str(out), "--limit", "3", "--sources", sources]) == 0
     printed = capsys.readouterr().out
     for name in sources.split(","):

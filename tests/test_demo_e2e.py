@@ -12,7 +12,7 @@ import onepeace
 from onepeace.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = "tuxpaint,espeak,instruments"
+SOURCES = "tuxpaint,numerals,espeak,instruments"
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_evaluate_the_trained_model(trained: tuple[Path, Path, Path], tmp_path: 
     for name in ("image->text", "text->image", "audio->text", "text->audio", "audio->image"):
         assert report["retrieval"][name]["queries"] > 0, name
         assert 0.0 <= report["retrieval"][name]["recall"]["R@1"] <= 1.0
-    assert set(report["zero_shot"]) == {"digits", "instruments"}
+    assert set(report["zero_shot"]) == {"numerals", "digits", "instruments"}
     for png in ("recall_bars.png", "training_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

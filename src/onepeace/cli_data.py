@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SOURCE_NAMES = ("tuxpaint", "emoji", "fsdd", "espeak", "instruments")
+SOURCE_NAMES = ("tuxpaint", "emoji", "numerals", "fsdd", "espeak", "instruments")
 
 
 def _sources(text: str) -> tuple[str, ...]:
