@@ -1,5 +1,5 @@
 """Rendered numerals: the digits 0-9 drawn as numerals ("7") and as words ("seven") in the DejaVu typefaces
-(Debian ``fonts-dejavu-core``) and several ink colours.
+(Debian ``fonts-dejavu-core``) and several ink colours, captioned "the number seven" / "the word seven".
 
 They give the image-text stage the digit words that the spoken-digit clips of the audio-text stage are captioned
 with (a text branch frozen in stage 2 must already tell "seven" from "eight"), and they link spoken digits to
@@ -92,7 +92,7 @@ class NumeralSource:
                         png = self.render_dir / f"{key.split('/', 1)[1]}.png"
                         if not png.is_file():
                             render(str(digit) if form == "number" else word, self.font_dir / font, ink, key, png)
-                        caption = f"the {form} {word} in {ink_name}"
+                        caption = f"the {form} {word}"  # the ink is not named: only the digit tells captions apart
                         yield SourceItem(key, caption, images=(png,), concept=word, labels={"numerals": word})
 
     def tasks(self) -> list[ZeroShotTask]:
