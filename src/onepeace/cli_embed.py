@@ -1,8 +1,8 @@
 """``onepeace embed``: embed files, folders and texts into ``OUT.npy`` + ``OUT.jsonl``.
 
 Heavy modules (numpy, torch, the model) are imported only when the command runs. The default ``--model`` is
-``onepeace-tiny``, a small randomly initialised variant that makes the command runnable without weights; its
-embeddings carry no meaning, so real use passes an official ``.pt`` or a converted folder.
+``onepeace-small``, the small pretrained model shipped with the package; ``--model`` takes an official ``.pt``, a
+converted folder or another variant name.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".oga", ".mp3"})
 TEXT_EXTENSIONS = frozenset({".txt"})
-DEFAULT_MODEL = "onepeace-tiny"
+DEFAULT_MODEL = "onepeace-small"
 MODALITY_ORDER = ("text", "image", "audio")
 
 
@@ -281,8 +281,8 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
         "--model",
         default=DEFAULT_MODEL,
         metavar="PATH_OR_VARIANT",
-        help=f"official .pt, converted folder or variant name (default: {DEFAULT_MODEL}, a small "
-        "randomly initialised test model; pass real weights for meaningful embeddings)",
+        help=f"official .pt, converted folder or variant name (default: {DEFAULT_MODEL}, the small "
+        "pretrained model shipped with the package)",
     )
     p.add_argument(
         "--out",

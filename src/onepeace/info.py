@@ -177,9 +177,14 @@ def native_shapes(root: Path) -> tuple[OnePeaceConfig, dict, dict]:
 def describe(target: str) -> dict[str, Any]:
     """Everything ``onepeace info`` reports about a variant name, a native directory or an official ``.pt``."""
     from onepeace.checkpoints.native import is_native_dir
+    from onepeace.pretrained import shipped_weights
     from onepeace.variants import VARIANTS
 
-    if target in VARIANTS:
+    shipped = shipped_weights(target) if target in VARIANTS else None
+    if shipped is not None:
+        kind, path = "variant (pretrained weights shipped with the package)", shipped
+        cfg, shapes, entries = native_shapes(shipped)
+    elif target in VARIANTS:
         kind, path = "variant (random initialisation)", None
         cfg, shapes, entries = _variant(target)
     elif is_native_dir(target):
