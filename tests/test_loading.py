@@ -186,3 +186,13 @@ def test_per_layer_tables_load(tmp_path: Path) -> None:
             atol=1e-5,
             rtol=1e-5,
         )
+
+
+def test_variant_with_weights_missing_from_the_install_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onepeace
+    from onepeace import pretrained
+
+    monkeypatch.setattr(pretrained, "shipped_weights", lambda name: None)
+    with pytest.warns(UserWarning, match="no pretrained weights for onepeace-small; it is randomly initialised"):
+        model = onepeace.load("onepeace-small")
+    assert model.cfg.embed_dim == 256

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,10 +53,15 @@ def load(
         pretrained: False gives a randomly initialised model even for a variant that ships weights.
     """
     from onepeace.checkpoints.state import build_model, change_image_size
-    from onepeace.pretrained import shipped_weights
+    from onepeace.pretrained import SHIPPED, shipped_weights
 
     dtype = _parse_dtype(dtype)
     shipped = shipped_weights(path_or_variant) if pretrained and isinstance(path_or_variant, str) else None
+    if shipped is None and pretrained and isinstance(path_or_variant, str) and path_or_variant in SHIPPED:
+        warnings.warn(
+            f"this installation has no pretrained weights for {path_or_variant}; it is randomly initialised",
+            stacklevel=2,
+        )
     if shipped is not None:
         path_or_variant, dtype = shipped, dtype or torch.float32
     if isinstance(path_or_variant, str) and path_or_variant in VARIANTS:
