@@ -38,7 +38,7 @@ def test_4b_parts_match_the_spec() -> None:
     assert count(model.adapters["image"]) == 3_390_816
     assert count(model.adapters["audio"]) == 19_040_816
     assert count(model.adapters["text"]) == 78_008_880
-    assert list_variants() == ["onepeace-4b", "onepeace-base", "onepeace-tiny"]
+    assert list_variants() == ["onepeace-4b", "onepeace-base", "onepeace-small", "onepeace-tiny"]
 
 
 def test_initialisation() -> None:
