@@ -56,8 +56,9 @@ def load(
     from onepeace.pretrained import SHIPPED, shipped_weights
 
     dtype = _parse_dtype(dtype)
-    shipped = shipped_weights(path_or_variant) if pretrained and isinstance(path_or_variant, str) else None
-    if shipped is None and pretrained and isinstance(path_or_variant, str) and path_or_variant in SHIPPED:
+    wants_shipped = pretrained and isinstance(path_or_variant, str) and path_or_variant in SHIPPED
+    shipped = shipped_weights(path_or_variant) if wants_shipped else None
+    if wants_shipped and shipped is None:
         warnings.warn(
             f"this installation has no pretrained weights for {path_or_variant}; it is randomly initialised",
             stacklevel=2,
