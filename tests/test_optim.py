@@ -12,7 +12,8 @@ from torch import nn
 from onepeace.config import OnePeaceConfig
 from onepeace.modality import Modality
 from onepeace.model.onepeace import OnePeaceModel
-from onepeace.train.config import OptimConfig
+from onepeace.train.build import copy_text_ffns_to_audio
+from onepeace.train.config import ModelConfig, OptimConfig
 from onepeace.train.optim import (
     build_optimizer,
     clamp_logit_scale_,
@@ -207,6 +208,25 @@ def test_stage1_state_loads_into_a_stage2_module() -> None:
     result = stage2.load_state_dict(drop_image_branch(stage1.state_dict()), strict=False)
     assert result.unexpected_keys == []
     assert all("audio" in k or k == "model.logit_scale" for k in result.missing_keys)
+
+
+def test_audio_ffns_start_as_copies_of_the_text_ones() -> None:
+    model = OnePeaceModel(_tiny(("text", "audio")), init=True)
+    with torch.no_grad():  # make the text side differ from any initial value
+        for name, p in model.named_parameters():
+            if ".text." in name:
+                p.add_(torch.randn_like(p))
+    adapter_before = {k: v.clone() for k, v in model.adapters["audio"].state_dict().items()}
+    copy_text_ffns_to_audio(model)
+    pairs = [(layer.ffn["audio"], layer.ffn["text"]) for layer in model.encoder.layers]
+    pairs.append((model.encoder.final_norms["audio"], model.encoder.final_norms["text"]))
+    for audio, text in pairs:
+        for (name, a), (_, t) in zip(audio.named_parameters(), text.named_parameters()):
+            assert torch.equal(a, t) and a.data_ptr() != t.data_ptr(), name  # equal values, own storage
+    after = model.adapters["audio"].state_dict()
+    assert all(torch.equal(after[k], v) for k, v in adapter_before.items())  # only FFNs and the norm change
+    with pytest.raises(ValueError, match="audio_ffn_init"):
+        ModelConfig(variant="onepeace-tiny", audio_ffn_init="image")
 
 
 def test_clamp_logit_scale() -> None:

@@ -16,7 +16,7 @@ from onepeace.data.batch import VIEWS_STAGE1, VIEWS_STAGE2
 from onepeace.data.pretrain import LoadedBatch, PretrainDataConfig, build_pretrain_loader
 from onepeace.data.pretrain_examples import sample_crop_box
 from onepeace.data.pretrain_shards import batches_taken, plan_shards
-from onepeace.data.pretrain_sources import BadRecord, TsvIndex
+from onepeace.data.pretrain_sources import BadRecord, EpochBatchSampler, TsvIndex, cap_groups
 
 sf = pytest.importorskip("soundfile")
 wds = pytest.importorskip("webdataset")
@@ -189,6 +189,37 @@ def test_tsv_index_reads_rows_lazily(tmp_path: Path) -> None:
     assert index.record(2).media == "/data/b.png\textra\tfields"  # at most as many fields as the header
 
 
+def test_cap_groups_keeps_the_first_occurrences_in_order() -> None:
+    groups = np.array([0, 0, 0, 1, 1, 0])  # record id -> group
+    order = np.array([5, 3, 1, 0, 2, 4])  # groups along it: 0 1 0 0 0 1 -> ranks 0 0 1 2 3 1
+    assert cap_groups(order, groups, 2).tolist() == [5, 3, 1, 4]
+    assert cap_groups(order, groups, 1).tolist() == [5, 3]
+    assert cap_groups(order, groups, 9).tolist() == order.tolist()
+
+
+def test_text_groups_and_capped_epochs(tmp_path: Path) -> None:
+    rows = ["uniq_id\taudio\ttext\tduration"]
+    texts = ["seven"] * 7 + ["a dog"] * 2 + [" seven "] + ["a cat"]  # " seven " is the same caption
+    rows += [f"{i}\tx{i}.wav\t{t}\t1.0" for i, t in enumerate(texts)] + ["99\tonly three\tfields"]
+    path = tmp_path / "rows.tsv"
+    path.write_text("\n".join(rows) + "\n")
+    index = TsvIndex([str(path)], ("uniq_id", "audio", "text"))
+    groups = index.text_groups()
+    assert groups.tolist() == [0] * 7 + [1, 1, 0, 2, 3]  # the malformed row is a group of its own
+    epochs = [list(EpochBatchSampler(len(index), 2, 0, 1, 5, e, groups=groups, max_per_group=3)) for e in range(4)]
+    chosen = []
+    for batches in epochs:
+        ids = [slot.index for batch in batches for slot in batch if not slot.duplicate]
+        assert len(batches) == 4 and len(ids) == len(set(ids)) == 3 + 2 + 1 + 1  # min(n, 3) per caption
+        assert Counter(groups[ids].tolist()) == {0: 3, 1: 2, 2: 1, 3: 1}
+        chosen.append(frozenset(i for i in ids if groups[i] == 0))
+    assert len(set(chosen)) > 1  # a fresh choice of the frequent caption's rows each epoch
+    again = list(EpochBatchSampler(len(index), 2, 0, 1, 5, 2, groups=groups, max_per_group=3))
+    assert again == epochs[2]
+    with pytest.raises(ValueError, match="max_per_group"):
+        EpochBatchSampler(len(index), 2, 0, 1, 5, 0, groups=groups[:3], max_per_group=3)
+
+
 def test_crop_box_stays_inside_and_falls_back_to_centre() -> None:
     rng = np.random.default_rng(0)
     for width, height in [(64, 64), (80, 48), (40, 90), (1, 1)]:
@@ -224,6 +255,8 @@ def test_config_validation_and_from_dict() -> None:
         {"image_size": 100},
         {"vl_image_mask_ratio": 0.1},
         {"max_duration": 30},
+        {"max_per_text": 0},
+        {"max_per_text": 2, "format": "webdataset"},
     ):
         with pytest.raises(ValueError):
             PretrainDataConfig(**bad)

@@ -210,6 +210,7 @@ def load_model(name: str, device: str | None, dtype: str | None, image_size: int
     import torch
 
     import onepeace
+    from onepeace.pretrained import SHIPPED
     from onepeace.variants import VARIANTS
 
     if device is not None:
@@ -218,7 +219,7 @@ def load_model(name: str, device: str | None, dtype: str | None, image_size: int
         except RuntimeError as exc:
             raise ValueError(f"cannot use device {device!r}: {' '.join(str(exc).split())}") from None
     model = onepeace.load(name, image_size=image_size, dtype=dtype)
-    if name in VARIANTS:
+    if name in VARIANTS and name not in SHIPPED:  # onepeace.load warns about a shipped variant without its weights
         warn(f"{name} is a randomly initialised variant: its embeddings carry no meaning")
     if device is not None:
         try:

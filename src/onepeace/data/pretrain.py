@@ -87,6 +87,11 @@ class PretrainDataConfig:
     """Added to the audio ratios when drawing span centres."""
     max_substitutes: int = 64
     """Records tried after a bad one before the loader reports the data as unusable."""
+    max_per_text: int | None = None
+    """TSV only: use at most this many records of each distinct caption per epoch, a fresh random choice every
+    epoch (``None``: every record). Captions repeated hundreds of times (class names such as spoken digits) fill
+    batches with identical texts, and a contrastive loss is then lowest when the other side's embeddings
+    collapse to one point."""
 
     def __post_init__(self) -> None:
         for name in ("paths", "crop_scale", "crop_ratio"):
@@ -102,6 +107,8 @@ class PretrainDataConfig:
         for name in ("batch_size", "prefetch_factor", "max_text_tokens", "audio_span", "max_substitutes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_per_text is not None and (self.max_per_text < 1 or self.format != "tsv"):
+            raise ValueError(f"max_per_text must be None or >= 1 with format 'tsv', got {self.max_per_text!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.image_size < PATCH_SIZE or self.image_size % PATCH_SIZE:
@@ -218,7 +225,10 @@ def build_pretrain_loader(
         options["prefetch_factor"] = config.prefetch_factor
     if config.format == "tsv":
         index = TsvIndex(config.paths, TSV_COLUMNS[config.stage], config.root)
-        sampler = EpochBatchSampler(len(index), config.batch_size, rank, world_size, seed, epoch, skip_batches)
+        groups = index.text_groups() if config.max_per_text is not None else None
+        sampler = EpochBatchSampler(
+            len(index), config.batch_size, rank, world_size, seed, epoch, skip_batches, groups, config.max_per_text
+        )
         dataset = TsvPretrainDataset(index, maker, seed, epoch, config.max_substitutes)
         return DataLoader(dataset, batch_sampler=sampler, **options)
     if not 0 <= rank < world_size:

@@ -135,6 +135,32 @@ class TsvIndex:
         media = os.path.join(self.roots[file_id], fields[media_col])
         return Record(key=fields[id_col], text=fields[text_col], media=media)
 
+    def text_groups(self) -> np.ndarray:
+        """Caption group ids ``int64 [rows]``: rows with the same (stripped) text share an id; a malformed row
+        is a group of its own. Reads every row once."""
+        ids: dict[str, int] = {}
+        groups = np.empty(len(self), dtype=np.int64)
+        for i in range(len(self)):
+            try:
+                text = self.record(i).text.strip()
+            except BadRecord:
+                text = f"\0row {i}"  # no caption can equal this key
+            groups[i] = ids.setdefault(text, len(ids))
+        return groups
+
+
+def cap_groups(order: np.ndarray, groups: np.ndarray, cap: int) -> np.ndarray:
+    """The ids of ``order`` (``int64 [N]``) preceded there by fewer than ``cap`` ids of their own group
+    (``groups[id]``); the order is kept. With a shuffled ``order`` this keeps a random ``cap`` rows per group."""
+    g = groups[order]
+    by_group = np.argsort(g, kind="stable")  # positions grouped, each group in order of appearance
+    sorted_g = g[by_group]
+    starts = np.flatnonzero(np.r_[True, sorted_g[1:] != sorted_g[:-1]])
+    sizes = np.diff(np.r_[starts, g.size])
+    rank = np.empty(g.size, dtype=np.int64)
+    rank[by_group] = np.arange(g.size) - np.repeat(starts, sizes)
+    return order[rank < cap]
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -147,7 +173,12 @@ class Slot:
 
 
 class EpochBatchSampler(Sampler[list[Slot]]):
-    """This rank's batches of one epoch (spec §6.5), optionally starting after ``skip_batches`` batches."""
+    """This rank's batches of one epoch (spec §6.5), optionally starting after ``skip_batches`` batches.
+
+    With ``groups`` (``int64 [num_records]``, e.g. :meth:`TsvIndex.text_groups`) and ``max_per_group``, an epoch
+    uses at most that many records of each group, drawn afresh every epoch (:func:`cap_groups`); the number of
+    batches is then the same in every epoch.
+    """
 
     def __init__(
         self,
@@ -158,18 +189,24 @@ class EpochBatchSampler(Sampler[list[Slot]]):
         seed: int,
         epoch: int,
         skip_batches: int = 0,
+        groups: np.ndarray | None = None,
+        max_per_group: int | None = None,
     ) -> None:
         if num_records < 1:
             raise InputError("the dataset has no records")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
+        order = np.random.default_rng(seed + epoch).permutation(num_records)
+        if max_per_group is not None:
+            if groups is None or len(groups) != num_records or max_per_group < 1:
+                raise ValueError("max_per_group needs max_per_group >= 1 and one group id per record")
+            order = cap_groups(order, np.asarray(groups), max_per_group)
         per_step = batch_size * world_size
-        self.num_batches = -(-num_records // per_step)
+        self.num_batches = -(-order.size // per_step)
         if not 0 <= skip_batches <= self.num_batches:
             raise ValueError(f"skip_batches must lie in [0, {self.num_batches}], got {skip_batches}")
-        order = np.random.default_rng(seed + epoch).permutation(num_records)
         padded = np.resize(order, self.num_batches * per_step)  # repeats the leading ids
-        self._ids, self._num_records = padded, num_records
+        self._ids, self._num_records = padded, order.size
         self.batch_size, self.rank, self.world_size, self.skip_batches = batch_size, rank, world_size, skip_batches
 
     def __len__(self) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from onepeace.errors import CheckpointError
+from onepeace.modality import Modality
 from onepeace.model import OnePeaceModel
 from onepeace.model.decoder import PretrainDecoder
 from onepeace.train.config import TrainConfig
@@ -63,6 +64,16 @@ def load_start_weights(objective: PretrainObjective, weights: dict[str, torch.Te
     return list(result.missing_keys)
 
 
+def copy_text_ffns_to_audio(model: OnePeaceModel) -> None:
+    """Overwrite every layer's audio FFN and the audio final norm with the text ones (see
+    ``ModelConfig.audio_ffn_init``); the copies are trained separately from then on."""
+    with torch.no_grad():
+        for layer in model.encoder.layers:
+            layer.ffn[Modality.AUDIO.value].load_state_dict(layer.ffn[Modality.TEXT.value].state_dict())
+        norms = model.encoder.final_norms
+        norms[Modality.AUDIO.value].load_state_dict(norms[Modality.TEXT.value].state_dict())
+
+
 def build_objective(cfg: TrainConfig, gather=None, rank: int = 0) -> PretrainObjective:
     """The pretraining module of ``cfg``: built from the seed (the same on every rank), weights loaded, parts frozen."""
     torch.manual_seed(cfg.seed)
@@ -72,6 +83,8 @@ def build_objective(cfg: TrainConfig, gather=None, rank: int = 0) -> PretrainObj
     objective = PretrainObjective(model, decoder, cfg.stage, cfg.loss, gather, rank)
     if cfg.model.init_from:
         load_start_weights(objective, read_start_weights(cfg.model.init_from), cfg.stage)
+        if cfg.stage == 2 and cfg.model.audio_ffn_init == "text":
+            copy_text_ffns_to_audio(model)
     if cfg.stage == 2:
         stage2_freeze(objective)
     for name, param in objective.named_parameters():

@@ -110,9 +110,18 @@ class ModelConfig:
     layer_scale_init: float | None = None
     """LayerScale start value; None keeps the variant's (1e-6, the official value). Short runs learn faster
     with a larger value such as 0.1."""
+    audio_ffn_init: Literal["random", "text"] = "random"
+    """Stage 2 from a stage-1 checkpoint: start the audio FFNs and the audio final norm at random (official) or
+    as copies of the trained text ones. The paper also starts the audio extractor from WavLM, which is not
+    available offline; from a random extractor, random audio FFNs under the frozen attention leave the audio
+    embeddings nearly equal for every clip, and a short run stays on that plateau."""
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     def __post_init__(self) -> None:
+        _check(
+            self.audio_ffn_init in ("random", "text"),
+            f"audio_ffn_init must be 'random' or 'text', got {self.audio_ffn_init!r}",
+        )
         try:
             get_variant(self.variant)
         except KeyError as exc:
