@@ -1,0 +1,5 @@
+"""Task heads that sit on the backbone's token features (spec §8)."""
+
+from onepeace.heads.classify import AttentionPool, ClassifyHead
+
+__all__ = ["AttentionPool", "ClassifyHead"]
