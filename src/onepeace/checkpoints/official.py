@@ -97,8 +97,9 @@ def config_from_official(cfg: dict, state_dict: dict[str, torch.Tensor], report:
 def read_official(path: str | Path) -> tuple[OnePeaceConfig, dict[str, torch.Tensor], KeyReport]:
     """Read an official ``.pt``: its config, its tensors under our key names, and how the keys were sorted.
 
-    Buffers (``rp_bucket``, ``position_idx``, ``version``) and pretraining-only keys are left out; an unknown
-    key raises :class:`CheckpointError` naming it.
+    Buffers (``rp_bucket``, ``position_idx``, ``version``), pretraining-only keys and a fine-tuned file's
+    classification head (read it with :func:`official_head_state`) are left out; an unknown key raises
+    :class:`CheckpointError` naming it.
     """
     state_dict, cfg = read_official_checkpoint(path)
     report = sort_keys(list(state_dict))
@@ -116,8 +117,18 @@ def official_pretrain_state(state_dict: dict[str, torch.Tensor]) -> dict[str, to
     Raises :class:`CheckpointError` listing any key that belongs to neither.
     """
     report = sort_keys(list(state_dict))
-    if report.unknown:
-        raise CheckpointError(f"key(s) not part of ONE-PEACE pretraining: {', '.join(report.unknown[:10])}")
+    if report.unknown or report.head:
+        extra = (report.unknown + sorted(report.head))[:10]
+        raise CheckpointError(f"key(s) not part of ONE-PEACE pretraining: {', '.join(extra)}")
     out = {f"model.{ours}": state_dict[key] for key, ours in report.mapped.items()}
     out.update({ours: state_dict[key] for key, ours in report.decoder.items()})
     return out
+
+
+def official_head_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``classify_head.*`` tensors of an official fine-tuned state dict under :class:`onepeace.heads.ClassifyHead`
+    names; raises :class:`CheckpointError` when the file has no classification head."""
+    head = sort_keys(list(state_dict)).head
+    if not head:
+        raise CheckpointError("the state dict has no classify_head.* keys")
+    return {ours.removeprefix("head."): state_dict[key] for key, ours in head.items()}

@@ -69,7 +69,16 @@ DECODER_RULES: tuple[tuple[str, str], ...] = (
     *_fusion_rules("decoder_wrapper.fusion_model", "decoder.encoder"),
 )
 
-RULES = RULES + _fusion_rules("encoder_wrapper.fusion_model", "encoder") + DECODER_RULES
+#: The classification head of fine-tuned files (spec §9.2); ours is :class:`onepeace.heads.ClassifyHead`.
+HEAD_RULES: tuple[tuple[str, str], ...] = (
+    ("classify_head.attn_pooling_func.q", "head.attn_pooling_func.q"),
+    ("classify_head.attn_pooling_func.{proj}.{w}", "head.attn_pooling_func.{proj}.{w}"),
+    ("classify_head.norm.{w}", "head.norm.{w}"),
+    ("classify_head.pooler.1.{w}", "head.pooler.1.{w}"),
+    ("classify_head.classifier.{c}.{w}", "head.classifier.{c}.{w}"),
+)
+
+RULES = RULES + _fusion_rules("encoder_wrapper.fusion_model", "encoder") + DECODER_RULES + HEAD_RULES
 
 #: Parameters the official model holds but never reads; they are dropped on load.
 DEAD = re.compile(r"^decoder_wrapper\.(text|image|audio)_adapter\.(cls_embedding|mask_embedding)$")
@@ -140,6 +149,7 @@ class KeyReport:
 
     mapped: dict[str, str] = field(default_factory=dict)
     decoder: dict[str, str] = field(default_factory=dict)
+    head: dict[str, str] = field(default_factory=dict)
     buffers: list[str] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
@@ -151,7 +161,8 @@ class KeyReport:
 
 
 def sort_keys(keys: list[str]) -> KeyReport:
-    """File each official key as a backbone key, a decoder key, a buffer, a dead parameter or an unknown key."""
+    """File each official key as a backbone, decoder or classification-head key, a buffer, a dead parameter or an
+    unknown key."""
     report = KeyReport()
     for key in keys:
         if key.endswith(BUFFER_SUFFIXES):
@@ -162,6 +173,8 @@ def sort_keys(keys: list[str]) -> KeyReport:
             report.unknown.append(key)
         elif ours.startswith("decoder."):
             report.decoder[key] = ours
+        elif ours.startswith("head."):
+            report.head[key] = ours
         else:
             report.mapped[key] = ours
     return report

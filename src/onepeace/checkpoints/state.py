@@ -80,3 +80,20 @@ def build_model(
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     return model.eval()
+
+
+def per_layer_tables(state_dict: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """One relative-position table per layer from a state dict with one shared table per adapter (spec §3.6).
+
+    Fine-tuning starts every layer from a copy of the shared table (``adapters.{m}.rel_pos.tables.0.weight``);
+    the copies then train separately. Tables already present for layer 1 and up are kept as they are.
+    """
+    if layers < 1:
+        raise ValueError(f"layers must be >= 1, got {layers}")
+    out = dict(state_dict)
+    for key, table in state_dict.items():
+        if key.startswith("adapters.") and key.endswith(".rel_pos.tables.0.weight"):
+            stem = key.removesuffix("0.weight")
+            for j in range(1, layers):
+                out.setdefault(f"{stem}{j}.weight", table.clone())
+    return out
