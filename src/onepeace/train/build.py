@@ -82,9 +82,9 @@ def build_objective(cfg: TrainConfig, gather=None, rank: int = 0) -> PretrainObj
     decoder = PretrainDecoder(backbone_cfg, cfg.model.decoder, backbone_cfg.modalities)
     objective = PretrainObjective(model, decoder, cfg.stage, cfg.loss, gather, rank)
     if cfg.model.init_from:
-        load_start_weights(objective, read_start_weights(cfg.model.init_from), cfg.stage)
-        if cfg.stage == 2 and cfg.model.audio_ffn_init == "text":
-            copy_text_ffns_to_audio(model)
+        fresh = load_start_weights(objective, read_start_weights(cfg.model.init_from), cfg.stage)
+        if cfg.model.audio_ffn_init == "text" and any(".ffn.audio." in key for key in fresh):
+            copy_text_ffns_to_audio(model)  # only a new audio branch: trained audio FFNs are kept
     if cfg.stage == 2:
         stage2_freeze(objective)
     for name, param in objective.named_parameters():

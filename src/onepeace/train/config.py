@@ -111,10 +111,10 @@ class ModelConfig:
     """LayerScale start value; None keeps the variant's (1e-6, the official value). Short runs learn faster
     with a larger value such as 0.1."""
     audio_ffn_init: Literal["random", "text"] = "random"
-    """Stage 2 from a stage-1 checkpoint: start the audio FFNs and the audio final norm at random (official) or
-    as copies of the trained text ones. The paper also starts the audio extractor from WavLM, which is not
-    available offline; from a random extractor, random audio FFNs under the frozen attention leave the audio
-    embeddings nearly equal for every clip, and a short run stays on that plateau."""
+    """Stage 2 from a checkpoint without an audio branch (stage 1): start the audio FFNs and the audio final
+    norm at random (official) or as copies of the trained text ones. The paper also starts the audio extractor
+    from WavLM, which is not available offline; from a random extractor, random audio FFNs under the frozen
+    attention leave the audio embeddings nearly equal for every clip, and a short run stays on that plateau."""
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     def __post_init__(self) -> None:
