@@ -44,6 +44,8 @@ def test_average_precision_hand_cases() -> None:
     assert average_precision(torch.tensor([0.5, 0.5]), torch.tensor([1, 0])) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="positive"):
         average_precision(torch.tensor([0.1, 0.2]), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match=r"\[N\] each"):
+        average_precision(torch.tensor([0.1, 0.2]), torch.tensor([1, 0, 0]))
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -22,11 +22,13 @@ def average_precision(scores: torch.Tensor, positive: torch.Tensor) -> float:
     """AP of one class: ``sum_k (R_k - R_{k-1}) P_k`` over the distinct score thresholds, highest first, where
     ``P_k`` / ``R_k`` are precision / recall of everything scoring at least the k-th threshold (tied scores enter
     together). ``scores`` ``[N]``; ``positive`` ``[N]`` bool with at least one True."""
-    positive = torch.as_tensor(positive).bool()
+    scores, positive = torch.as_tensor(scores).double(), torch.as_tensor(positive).bool()
+    if scores.ndim != 1 or positive.shape != scores.shape:
+        raise ValueError(f"scores and positive must be [N] each, got {tuple(scores.shape)} and {tuple(positive.shape)}")
     if not positive.any():
         raise ValueError("average precision needs at least one positive example")
-    order = torch.argsort(torch.as_tensor(scores).double(), descending=True, stable=True)
-    ranked_scores, ranked_pos = torch.as_tensor(scores).double()[order], positive[order].double()
+    order = torch.argsort(scores, descending=True, stable=True)
+    ranked_scores, ranked_pos = scores[order], positive[order].double()
     last_of_tie = torch.ones_like(ranked_scores, dtype=torch.bool)
     last_of_tie[:-1] = ranked_scores[1:] != ranked_scores[:-1]
     hits = ranked_pos.cumsum(0)[last_of_tie]
