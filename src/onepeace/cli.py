@@ -1,4 +1,4 @@
-"""Command line: ``onepeace embed | convert | info | pretrain | data | demo | evaluate`` (also ``python -m onepeace``).
+"""Command line: ``onepeace embed | convert | info | pretrain | finetune | data | demo | evaluate``.
 
 Parsing and ``--help`` import nothing heavy; torch and the model are imported by the command that needs them.
 Errors end the run with one line ``onepeace: error: <message>`` on stderr and exit code 2 (``--debug`` shows
@@ -12,7 +12,7 @@ import json
 import sys
 import traceback
 
-from onepeace import cli_data, cli_demo, cli_embed, cli_evaluate
+from onepeace import cli_data, cli_demo, cli_embed, cli_evaluate, cli_finetune
 from onepeace.errors import OnePeaceError
 
 EXIT_ERROR = 2
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=_info)
     _add_pretrain(sub, [debug])
+    cli_finetune.add_finetune_parser(sub, [debug])
     cli_data.add_parser(sub, [debug])
     cli_demo.add_parser(sub, [debug])
     return parser

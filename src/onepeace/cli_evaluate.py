@@ -80,8 +80,12 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "evaluate",
         parents=parents,
-        help="evaluate a model (retrieval)",
-        description="Evaluate a model on a task. Tasks: retrieval.",
+        help="evaluate a model (held-out retrieval, a downstream task, composed queries)",
+        description="Evaluate a model. retrieval: the held-out demo-corpus protocol; a task name (vggsound, vqa, "
+        "refcoco, ...): that task's metric on its TSV; composed: composed-query retrieval.",
     )
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
     _add_retrieval(tasks, parents)
+    from onepeace.cli_finetune import add_task_parsers
+
+    add_task_parsers(tasks, parents)

@@ -128,7 +128,20 @@ def official_pretrain_state(state_dict: dict[str, torch.Tensor]) -> dict[str, to
 def official_head_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The ``classify_head.*`` tensors of an official fine-tuned state dict under :class:`onepeace.heads.ClassifyHead`
     names; raises :class:`CheckpointError` when the file has no classification head."""
-    head = sort_keys(list(state_dict)).head
+    head = {k: v for k, v in sort_keys(list(state_dict)).head.items() if v.startswith("head.")}
     if not head:
         raise CheckpointError("the state dict has no classify_head.* keys")
     return {ours.removeprefix("head."): state_dict[key] for key, ours in head.items()}
+
+
+def official_task_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An official fine-tuned state dict under :class:`onepeace.finetune.model.TaskModel` names: the backbone under
+    ``model.``, the classification head under ``head.`` and the NLVR2 type embeddings under ``type_embeddings.``.
+    Buffers are dropped; pretraining-only or unknown keys raise :class:`CheckpointError`."""
+    report = sort_keys(list(state_dict))
+    if report.unknown or report.decoder:
+        extra = (report.unknown + sorted(report.decoder))[:10]
+        raise CheckpointError(f"key(s) not part of a fine-tuned ONE-PEACE model: {', '.join(extra)}")
+    out = {f"model.{ours}": state_dict[key] for key, ours in report.mapped.items()}
+    out.update({ours: state_dict[key] for key, ours in report.head.items()})
+    return out

@@ -76,7 +76,11 @@ HEAD_RULES: tuple[tuple[str, str], ...] = (
     ("classify_head.norm.{w}", "head.norm.{w}"),
     ("classify_head.pooler.1.{w}", "head.pooler.1.{w}"),
     ("classify_head.classifier.{c}.{w}", "head.classifier.{c}.{w}"),
+    ("encoder_wrapper.text_adapter.type_embedding", "type_embeddings.text"),
+    ("encoder_wrapper.image_adapter.type_embedding", "type_embeddings.image"),
+    ("encoder_wrapper.image_adapter.type_embedding_2", "type_embeddings.image_2"),
 )
+"""Also the NLVR2 type embeddings, which :class:`onepeace.finetune.model.TaskModel` holds beside the head."""
 
 RULES = RULES + _fusion_rules("encoder_wrapper.fusion_model", "encoder") + DECODER_RULES + HEAD_RULES
 
@@ -173,7 +177,7 @@ def sort_keys(keys: list[str]) -> KeyReport:
             report.unknown.append(key)
         elif ours.startswith("decoder."):
             report.decoder[key] = ours
-        elif ours.startswith("head."):
+        elif ours.startswith(("head.", "type_embeddings.")):
             report.head[key] = ours
         else:
             report.mapped[key] = ours

@@ -1,5 +1,5 @@
 """Task heads that sit on the backbone's token features (spec §8)."""
 
-from onepeace.heads.classify import AttentionPool, ClassifyHead
+from onepeace.heads.classify import AttentionPool, ClassifyHead, MeanPoolHead
 
-__all__ = ["AttentionPool", "ClassifyHead"]
+__all__ = ["AttentionPool", "ClassifyHead", "MeanPoolHead"]

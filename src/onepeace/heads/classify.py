@@ -96,3 +96,24 @@ class ClassifyHead(nn.Module):
         if len(segments) != self.num_inputs:
             raise ValueError(f"this head takes {self.num_inputs} segment(s), got {len(segments)}")
         return self.classifier(torch.cat([self.pool(tokens, pad) for tokens, pad in segments], dim=-1))
+
+
+class MeanPoolHead(nn.Module):
+    """Image classification on the vision branch (spec §8.2): mean of the patch tokens (cls left out) -> LayerNorm
+    ``fc_norm`` -> Linear ``fc``. The linear layer starts at truncated normal(0, 0.02) times ``init_scale`` with a
+    zero bias (official ``head_init_scale`` 0.001)."""
+
+    def __init__(self, dim: int, num_classes: int, init_scale: float = 0.001) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError("num_classes must be >= 1")
+        self.fc_norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.fc = nn.Linear(dim, num_classes)
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.fc.weight, std=0.02)
+            self.fc.weight.mul_(init_scale)
+            self.fc.bias.zero_()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` ``[B, S, D]`` with the cls token first -> logits ``[B, num_classes]``."""
+        return self.fc(self.fc_norm(tokens[:, 1:].mean(dim=1)))

@@ -1,0 +1,190 @@
+"""Building a task model from a recipe, saving it after fine-tuning and loading it back (spec §3.6, §8, §9.2).
+
+A fine-tuned model is a directory with ``task_model.safetensors`` (every tensor of :class:`TaskModel`) and
+``task.json`` (the task, the number of classes and the backbone config).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from onepeace.checkpoints.state import change_image_size, per_layer_tables
+from onepeace.config import OnePeaceConfig
+from onepeace.errors import CheckpointError
+from onepeace.finetune.config import FinetuneConfig
+from onepeace.finetune.model import TaskModel
+from onepeace.finetune.tasks import TaskKind, TaskSpec, get_task
+from onepeace.modality import Modality
+from onepeace.model import OnePeaceModel
+from onepeace.variants import VARIANTS
+
+TASK_FILE, WEIGHTS_FILE = "task.json", "task_model.safetensors"
+FORMAT = "onepeace-task-model"
+#: Parameters a starting checkpoint may lack: the new head and type embeddings, and the embedding projections
+#: and logit scale that official classification checkpoints leave out (classification never reads them).
+FRESH_OK = ("head.", "type_embeddings.", "model.projections.", "model.logit_scale")
+
+
+def is_task_dir(path: str | Path) -> bool:
+    return (Path(path) / TASK_FILE).is_file()
+
+
+def read_start(source: str) -> tuple[OnePeaceConfig, dict[str, torch.Tensor]]:
+    """Backbone config and tensors under :class:`TaskModel` names (``model.*``, and ``head.*`` /
+    ``type_embeddings.*`` when the source is a fine-tuned model) of a variant, model directory, official ``.pt``
+    (pretrained or fine-tuned) or task-model directory. A variant without shipped weights gives no tensors."""
+    from onepeace.pretrained import shipped_weights
+
+    if source in VARIANTS:
+        shipped = shipped_weights(source)
+        if shipped is None:
+            return VARIANTS[source], {}
+        source = str(shipped)
+    path = Path(source)
+    if is_task_dir(path):
+        from safetensors.torch import load_file
+
+        meta = read_task_meta(path)
+        return OnePeaceConfig.from_dict(meta["backbone"]), load_file(str(path / WEIGHTS_FILE))
+    if path.is_file() and path.suffix != ".safetensors":
+        from onepeace.checkpoints.official import config_from_official, official_task_state
+        from onepeace.checkpoints.official_keys import sort_keys
+        from onepeace.checkpoints.pickle_io import read_official_checkpoint
+
+        state, saved_cfg = read_official_checkpoint(path)
+        cfg = config_from_official(saved_cfg, state, sort_keys(list(state)))
+        return cfg, {k: v.float() for k, v in official_task_state(state).items()}
+    from onepeace.loading import read_weights
+
+    cfg, tensors, _ = read_weights(path)
+    return cfg, {f"model.{k}": v.float() for k, v in tensors.items()}
+
+
+def _branch_of(key: str) -> str | None:
+    """The modality a backbone key belongs to, or None for shared parameters."""
+    for part in key.split("."):
+        if part in ("text", "image", "audio"):
+            return part
+    return None
+
+
+def fit_weights(weights: dict[str, torch.Tensor], cfg: OnePeaceConfig, source_cfg: OnePeaceConfig) -> dict:
+    """Starting tensors fitted to the task backbone ``cfg``: other branches dropped, image tables resampled to
+    ``cfg``'s resolution, shared relative-position tables copied per layer when ``cfg`` asks for that."""
+    keep = {m.value for m in cfg.modalities}
+    backbone = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+    backbone = {k: v for k, v in backbone.items() if _branch_of(k) in keep or _branch_of(k) is None}
+    _, backbone = change_image_size(source_cfg, backbone, cfg.image.image_size)
+    if cfg.per_layer_rel_pos:
+        backbone = per_layer_tables(backbone, cfg.layers)
+    rest = {k: v for k, v in weights.items() if not k.startswith("model.")}
+    return {**{f"model.{k}": v for k, v in backbone.items()}, **rest}
+
+
+def backbone_config(source: OnePeaceConfig, spec: TaskSpec, cfg: FinetuneConfig) -> OnePeaceConfig:
+    """The task's backbone: the source architecture with the task's branches, drop path, tables and resolution."""
+    missing = [m.value for m in spec.modalities if m not in source.modalities]
+    if missing:
+        raise CheckpointError(f"task {spec.name} needs the {', '.join(missing)} branch, which the model lacks")
+    return source.replace(
+        modalities=spec.modalities,
+        drop_path_rate=cfg.model.drop_path_rate,
+        per_layer_rel_pos=cfg.model.per_layer_rel_pos,
+        image_size=cfg.data.image_size if Modality.IMAGE in spec.modalities else source.image.image_size,
+    )
+
+
+def build_task_model(cfg: FinetuneConfig) -> TaskModel:
+    """The task model of a recipe: backbone from ``model.init_from``, fresh head, unused parts frozen."""
+    if not cfg.model.init_from:
+        raise ValueError("model.init_from is required: a model directory, an official .pt or a variant name")
+    spec = cfg.spec
+    source_cfg, weights = read_start(cfg.model.init_from)
+    bcfg = backbone_config(source_cfg, spec, cfg)
+    torch.manual_seed(cfg.seed)
+    task = TaskModel(OnePeaceModel(bcfg), spec, cfg.num_classes, cfg.model.head_init_scale)
+    if weights:
+        load_start(task, fit_weights(weights, bcfg, source_cfg), cfg.model.init_from)
+    freeze_unused(task)
+    return task
+
+
+def load_start(task: TaskModel, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Load starting tensors; only :data:`FRESH_OK` parameters may be missing, nothing may be unexpected."""
+    expected = task.state_dict()
+    wrong = [k for k, v in weights.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        shapes = ", ".join(f"{k} {tuple(weights[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:4])
+        raise CheckpointError(f"{source} does not fit task {task.spec.name}: shape mismatch {shapes}")
+    result = task.load_state_dict(weights, strict=False)
+    bad = [k for k in result.missing_keys if not k.startswith(FRESH_OK)]
+    if bad or result.unexpected_keys:
+        raise CheckpointError(
+            f"{source} does not fit task {task.spec.name}: missing {bad[:6]}, unexpected {result.unexpected_keys[:6]}"
+        )
+
+
+def freeze_unused(task: TaskModel) -> list[str]:
+    """Turn off gradients of parameters the task never reads (projections and logit scale outside retrieval, the
+    final image norm in image classification); returns their names."""
+    kind = task.spec.kind
+    unused = []
+    for name, param in task.named_parameters():
+        projection = name.startswith(("model.projections.", "model.logit_scale")) and kind is not TaskKind.RETRIEVAL
+        image_norm = name.startswith("model.encoder.final_norms.image.") and kind is TaskKind.IMAGE_CLASSIFY
+        if projection or image_norm or name == "model.adapters.audio.mask_embedding":
+            param.requires_grad_(False)
+            unused.append(name)
+    return unused
+
+
+def save_task_model(task: TaskModel, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write ``task.json`` and ``task_model.safetensors`` into ``out_dir`` (created) and return it."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in task.state_dict().items()}
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(out / WEIGHTS_FILE)
+    num_classes = _num_classes(task)
+    meta = {"format": FORMAT, "task": task.spec.name, "num_classes": num_classes, **(extra or {})}
+    meta["backbone"] = task.model.cfg.to_dict()
+    (out / TASK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _num_classes(task: TaskModel) -> int:
+    if task.head is None:
+        return 0
+    last = task.head.fc if hasattr(task.head, "fc") else task.head.classifier[-1]
+    return int(last.out_features)
+
+
+def read_task_meta(path: str | Path) -> dict:
+    """``task.json`` of a task-model directory, checked."""
+    file = Path(path) / TASK_FILE
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: cannot read the task description ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "backbone" not in meta:
+        raise CheckpointError(f"{file} is not a onepeace task-model description")
+    get_task(str(meta.get("task")))
+    return meta
+
+
+def load_task_model(path: str | Path, device: str | torch.device = "cpu") -> TaskModel:
+    """A fine-tuned task model written by :func:`save_task_model`, in eval mode."""
+    from safetensors.torch import load_file
+
+    meta = read_task_meta(path)
+    spec = get_task(meta["task"])
+    bcfg = OnePeaceConfig.from_dict(meta["backbone"])
+    task = TaskModel(OnePeaceModel(bcfg, init=False), spec, int(meta["num_classes"]) or 1)
+    task.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE)), strict=True)
+    return task.to(device).eval()
