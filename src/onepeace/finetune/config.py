@@ -108,6 +108,8 @@ class FinetuneConfig:
     seed: int = 1
     precision: Literal["fp32", "bf16"] = "bf16"
     strategy: Literal["none", "ddp"] = "none"
+    grad_accum: int = 1
+    """Micro-batches per update (the official ``update_freq``): global batch = batch_size x GPUs x grad_accum."""
     out_dir: str = "runs/finetune"
     log_every: int = 10
     max_updates: int | None = None
@@ -121,6 +123,7 @@ class FinetuneConfig:
         if self.model.image_size is not None and self.model.image_size != self.data.image_size:
             object.__setattr__(self, "data", dataclasses.replace(self.data, image_size=self.model.image_size))
         _check(self.log_every >= 1, "log_every must be >= 1")
+        _check(self.grad_accum >= 1, "grad_accum must be >= 1")
         _check(self.max_updates is None or self.max_updates >= 1, "max_updates must be >= 1")
         _check(
             self.optim.total_updates is not None or self.optim.epochs is not None, "optim: give total_updates or epochs"

@@ -62,24 +62,21 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     wrapped = wrap_model(task, cfg.strategy, find_unused_parameters=False)
     audio_cfg = _audio_cfg(task, cfg)
     first = build_task_loader(cfg, "train", audio_cfg, dist.rank, dist.world_size, epoch=0)
-    optim_cfg = resolve_total(cfg.optim, len(first))
+    optim_cfg = resolve_total(cfg.optim, len(first), cfg.grad_accum)
     optimizer = build_optimizer(task, optim_cfg, layer_id_fn=_layer_ids(task), backbone_prefix="model.")
     schedule = LRSchedule(optimizer, optim_cfg)
     total = optim_cfg.total_updates if cfg.max_updates is None else min(cfg.max_updates, optim_cfg.total_updates)
     out_dir = Path(cfg.out_dir)
     logger = MetricsLogger(out_dir, dist.rank, False, dist.device)
     bar = progress_bar(total, dist.rank, desc=f"finetune {cfg.task}")
-    step, epoch, loader = 0, 0, first
+    batches = _forever(cfg, first, audio_cfg, dist)
+    step = 0
     try:
         while step < total:
-            for batch in loader:
-                _update(cfg, wrapped, task, optimizer, schedule, batch.to(dist.device), logger, step, dist)
-                step += 1
-                bar.update(1)
-                if step >= total:
-                    break
-            epoch += 1
-            loader = build_task_loader(cfg, "train", audio_cfg, dist.rank, dist.world_size, epoch=epoch)
+            micro = [next(batches).to(dist.device) for _ in range(cfg.grad_accum)]
+            _update(cfg, wrapped, task, optimizer, schedule, micro, logger, step, dist)
+            step += 1
+            bar.update(1)
     finally:
         bar.close()
         logger.close()
@@ -93,18 +90,34 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     return FinetuneResult(out_dir, step, model_dir, metrics)
 
 
-def _update(cfg, wrapped, task: TaskModel, optimizer, schedule, batch, logger, step: int, dist) -> None:
+def _forever(cfg: FinetuneConfig, first, audio_cfg, dist):
+    """This rank's training batches, epoch after epoch (each epoch reshuffled)."""
+    from onepeace.finetune.data import build_task_loader
+
+    loader, epoch = first, 0
+    while True:
+        yield from loader
+        epoch += 1
+        loader = build_task_loader(cfg, "train", audio_cfg, dist.rank, dist.world_size, epoch=epoch)
+
+
+def _update(cfg, wrapped, task: TaskModel, optimizer, schedule, micro: list, logger, step: int, dist) -> None:
+    """One optimizer update over the micro-batches ``micro`` (losses averaged over them)."""
     from onepeace.finetune.objective import task_loss
     from onepeace.train.optim import clamp_logit_scale_
 
     torch.manual_seed((cfg.seed * 1_000_003 + dist.rank * 7919 + step) % (2**63 - 1))
     wrapped.train()
     start = time.perf_counter()
-    with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        out = wrapped(batch)
-    scale = task.model.logit_scale_exp() if task.spec.kind is TaskKind.RETRIEVAL else None
-    losses = task_loss(task.spec, out, batch, scale, cfg.model.label_smoothing)
-    losses.total.backward()
+    sums: dict[str, float] = {}
+    for batch in micro:
+        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = wrapped(batch)
+        scale = task.model.logit_scale_exp() if task.spec.kind is TaskKind.RETRIEVAL else None
+        losses = task_loss(task.spec, out, batch, scale, cfg.model.label_smoothing)
+        (losses.total / len(micro)).backward()
+        for name, value in losses.scalars().items():
+            sums[name] = sums.get(name, 0.0) + value / len(micro)
     params = [p for p in task.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad_norm or float("inf"))
     lr = schedule.lr
