@@ -58,8 +58,8 @@ def test_every_trainable_task_gives_its_output_shape_and_a_finite_loss_with_grad
     out = task(batch)
     kind = task.spec.kind
     if kind is TaskKind.RETRIEVAL:
-        assert out.embeddings[0].shape == out.embeddings[1].shape == (B, 64)
-        assert torch.allclose(out.embeddings[1].norm(dim=-1), torch.ones(B), atol=1e-5)
+        assert out.text.shape == out.media.shape == (B, 64)
+        assert torch.allclose(out.media.norm(dim=-1), torch.ones(B), atol=1e-5)
     else:
         expected = (B, K) if kind is TaskKind.AQA else (B, classes)
         assert out.logits.shape == expected

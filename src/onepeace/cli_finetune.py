@@ -62,7 +62,7 @@ def run_task_evaluation(args: argparse.Namespace) -> int:
 
     import torch
 
-    from onepeace.finetune.build import build_task_model, is_task_dir, load_task_model
+    from onepeace.finetune.build import build_task_model, is_task_dir, load_task_model, task_classes
     from onepeace.finetune.loop import evaluate_task
 
     if not Path(args.data).is_file():
@@ -78,6 +78,8 @@ def run_task_evaluation(args: argparse.Namespace) -> int:
     else:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, per_layer_rel_pos=False))
         task = build_task_model(cfg).to(device)
+    if task.head is not None:  # the head decides the width of the targets
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=task_classes(task)))
     metrics = evaluate_task(task, cfg, args.out, device=device, model_name=str(args.model), progress=not args.quiet)
     width = max(len(name) for name in metrics)
     for name, value in metrics.items():

@@ -105,11 +105,20 @@ def build_task_model(cfg: FinetuneConfig) -> TaskModel:
     source_cfg, weights = read_start(cfg.model.init_from)
     bcfg = backbone_config(source_cfg, spec, cfg)
     torch.manual_seed(cfg.seed)
-    task = TaskModel(OnePeaceModel(bcfg), spec, cfg.num_classes, cfg.model.head_init_scale)
+    classes = cfg.model.num_classes or _head_classes(weights) or spec.num_classes
+    task = TaskModel(OnePeaceModel(bcfg), spec, classes, cfg.model.head_init_scale)
     if weights:
         load_start(task, fit_weights(weights, bcfg, source_cfg), cfg.model.init_from)
     freeze_unused(task)
     return task
+
+
+def _head_classes(weights: dict[str, torch.Tensor]) -> int | None:
+    """Outputs of the head a fine-tuned starting file brings (its last layer decides), or None."""
+    for key in ("head.classifier.3.weight", "head.fc.weight"):
+        if key in weights:
+            return int(weights[key].shape[0])
+    return None
 
 
 def load_start(task: TaskModel, weights: dict[str, torch.Tensor], source: str) -> None:
@@ -151,14 +160,15 @@ def save_task_model(task: TaskModel, out_dir: str | Path, extra: dict | None = N
     tmp = out / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp))
     tmp.replace(out / WEIGHTS_FILE)
-    num_classes = _num_classes(task)
+    num_classes = task_classes(task)
     meta = {"format": FORMAT, "task": task.spec.name, "num_classes": num_classes, **(extra or {})}
     meta["backbone"] = task.model.cfg.to_dict()
     (out / TASK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
-def _num_classes(task: TaskModel) -> int:
+def task_classes(task: TaskModel) -> int:
+    """Outputs of the task model's head (0 without a head)."""
     if task.head is None:
         return 0
     last = task.head.fc if hasattr(task.head, "fc") else task.head.classifier[-1]

@@ -43,9 +43,10 @@ class Collected:
         """Keep what the metrics need from one batch's output (moved to the CPU as float32)."""
         self.examples += batch.batch_size
         self.skipped += sum(count for _, count in batch.skipped)
-        if out.embeddings is not None:
-            self.text.append(out.embeddings[0].float().cpu())
-            self.media.append(out.embeddings[1].float().cpu())
+        if out.text is not None:
+            self.text.append(out.text.float().cpu())
+        if out.media is not None:
+            self.media.append(out.media.float().cpu())
         if out.logits is not None:
             self.logits.append(out.logits.float().cpu())
         for name, value in (
@@ -67,6 +68,9 @@ def collect(model: TaskModel, batches: Iterable[TaskBatch], device: torch.device
     result = Collected()
     try:
         for batch in batches:
+            if batch.batch_size == 0:  # every record of the batch was unusable
+                result.skipped += sum(count for _, count in batch.skipped)
+                continue
             batch = batch.to(device)
             result.add(model(batch), batch)
     finally:

@@ -27,11 +27,13 @@ class TaskOutput:
     Attributes:
         logits: ``[B, C]`` class logits; AQA ``[B, K]`` choice scores; grounding ``[B, 4]`` normalised boxes
             ``(x0, y0, x1, y1)`` after the sigmoid; None for retrieval.
-        embeddings: retrieval only: L2-normalised ``(text [B, D], media [B, D])``.
+        text: retrieval: L2-normalised text embeddings ``[B, D]``.
+        media: retrieval and zero-shot: L2-normalised image or audio embeddings ``[B, D]``.
     """
 
     logits: torch.Tensor | None = None
-    embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    text: torch.Tensor | None = None
+    media: torch.Tensor | None = None
 
 
 class TaskModel(nn.Module):
@@ -59,8 +61,10 @@ class TaskModel(nn.Module):
 
     def forward(self, batch: TaskBatch) -> TaskOutput:
         kind = self.spec.kind
-        if kind in (TaskKind.RETRIEVAL, TaskKind.ZERO_SHOT):
-            return TaskOutput(embeddings=self._retrieval(batch))
+        if kind is TaskKind.ZERO_SHOT:
+            return TaskOutput(media=self._encode_media(batch))
+        if kind is TaskKind.RETRIEVAL:
+            return TaskOutput(text=self.model.encode_text(batch.text), media=self._encode_media(batch))
         if kind is TaskKind.IMAGE_CLASSIFY:
             return TaskOutput(logits=self._image_classify(batch))
         if kind is TaskKind.NLVR2:
@@ -81,11 +85,10 @@ class TaskModel(nn.Module):
             return TaskOutput(logits=logits.float().sigmoid())
         return TaskOutput(logits=logits)
 
-    def _retrieval(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        media = self.spec.media
-        if media is Modality.IMAGE:
-            return self.model.encode_text(batch.text), self.model.encode_image(batch.image)
-        return self.model.encode_text(batch.text), self.model.encode_audio(*batch.audio)
+    def _encode_media(self, batch: TaskBatch) -> torch.Tensor:
+        if self.spec.media is Modality.IMAGE:
+            return self.model.encode_image(batch.image)
+        return self.model.encode_audio(*batch.audio)
 
     def _image_classify(self, batch: TaskBatch) -> torch.Tensor:
         """The official vision branch has no final image LayerNorm: the head reads the last layer's output."""

@@ -30,11 +30,12 @@ def task_loss(
     Args:
         out: the task model's output for ``batch``.
         logit_scale: retrieval only: ``exp`` of the clamped logit scale (scalar).
-        label_smoothing: single-label cross-entropy (classification, NLVR2, image classification).
+        label_smoothing: single-label cross-entropy (classification, NLVR2, image classification) with index
+            targets; soft targets (mixup / cutmix) are used as given.
     """
     kind = spec.kind
     if kind is TaskKind.RETRIEVAL:
-        text, media = _need(out.embeddings, "embeddings", spec)  # type: ignore[misc]
+        text, media = _need(out.text, "text embeddings", spec), _need(out.media, "media embeddings", spec)
         result = contrastive_loss(media, text, _need(logit_scale, "a logit scale", spec))
         metrics = {"media2text_correct": result.a2b_correct, "text2media_correct": result.b2a_correct}
         return NamedLosses.weighted({"contrastive_loss": result.loss}, metrics=metrics)
@@ -46,6 +47,7 @@ def task_loss(
     if kind is TaskKind.GROUNDING:
         return grounding_loss(logits, _need(batch.boxes, "boxes", spec))
     if kind in (TaskKind.CLASSIFY, TaskKind.NLVR2, TaskKind.IMAGE_CLASSIFY):
-        target = batch.soft_targets if batch.soft_targets is not None else _need(batch.labels, "labels", spec)
-        return classification_loss(logits, target, label_smoothing)
+        if batch.soft_targets is not None:  # mixup / cutmix targets already carry the label smoothing
+            return classification_loss(logits, batch.soft_targets)
+        return classification_loss(logits, _need(batch.labels, "labels", spec), label_smoothing)
     raise ValueError(f"task {spec.name} ({kind.value}) is not trained")
