@@ -104,7 +104,7 @@ def _forever(cfg: FinetuneConfig, first, audio_cfg, dist):
 def _update(cfg, wrapped, task: TaskModel, optimizer, schedule, micro: list, logger, step: int, dist) -> None:
     """One optimizer update over the micro-batches ``micro`` (losses averaged over them)."""
     from onepeace.finetune.objective import task_loss
-    from onepeace.train.optim import clamp_logit_scale_
+    from onepeace.train.optim import apply_update
 
     torch.manual_seed((cfg.seed * 1_000_003 + dist.rank * 7919 + step) % (2**63 - 1))
     wrapped.train()
@@ -118,13 +118,7 @@ def _update(cfg, wrapped, task: TaskModel, optimizer, schedule, micro: list, log
         (losses.total / len(micro)).backward()
         for name, value in losses.scalars().items():
             sums[name] = sums.get(name, 0.0) + value / len(micro)
-    params = [p for p in task.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad_norm or float("inf"))
-    lr = schedule.lr
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    schedule.step()
-    clamp_logit_scale_(task)
+    grad_norm, lr = apply_update(task, optimizer, schedule, cfg.optim.clip_grad_norm)
     if (step + 1) % cfg.log_every == 0 or step == 0:
         tokens = int(batch.text.ne(1).sum()) if batch.text is not None else 0
         skipped = sum(count for _, count in batch.skipped)

@@ -120,19 +120,13 @@ def pretrain(cfg: TrainConfig, resume: str | Path | None = None) -> RunResult:
 
 def _update(cfg, dist, wrapped, objective, optimizer, schedule, batches, logger, step: int) -> dict[str, int]:
     """One optimizer update; returns the data position after it (epoch, batches consumed in that epoch)."""
-    from onepeace.train.optim import clamp_logit_scale_
+    from onepeace.train.optim import apply_update
 
     _step_seed(cfg, dist.rank, step)
     wrapped.train()
     start = time.perf_counter()
     scalars, info = _accumulate(wrapped, batches, cfg, dist.device)
-    params = [p for p in objective.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad_norm or float("inf"))
-    lr = schedule.lr
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    schedule.step()
-    clamp_logit_scale_(objective)
+    grad_norm, lr = apply_update(objective, optimizer, schedule, cfg.optim.clip_grad_norm)
     if (step + 1) % cfg.log_every == 0 or step == 0:
         scalars = _mean_over_ranks(scalars, dist)
         extra = {"grad_norm": float(grad_norm), "epoch": info["epoch"]}
