@@ -1,4 +1,4 @@
-"""Command line: ``onepeace embed | convert | info | pretrain | finetune | data | demo | evaluate``.
+"""Command line: ``onepeace embed | convert | info | pretrain | finetune | data | demo | evaluate | index``.
 
 Parsing and ``--help`` import nothing heavy; torch and the model are imported by the command that needs them.
 Errors end the run with one line ``onepeace: error: <message>`` on stderr and exit code 2 (``--debug`` shows
@@ -12,7 +12,7 @@ import json
 import sys
 import traceback
 
-from onepeace import cli_data, cli_demo, cli_embed, cli_evaluate, cli_finetune
+from onepeace import cli_data, cli_demo, cli_embed, cli_evaluate, cli_finetune, cli_index
 from onepeace.errors import OnePeaceError
 
 EXIT_ERROR = 2
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_finetune.add_finetune_parser(sub, [debug])
     cli_data.add_parser(sub, [debug])
     cli_demo.add_parser(sub, [debug])
+    cli_index.add_parser(sub, [debug])
     return parser
 
 
