@@ -122,3 +122,24 @@ def test_official_fine_tuned_file_evaluates(tmp_path: Path) -> None:
     assert main(["evaluate", "vggsound", "--model", str(path), "--data", str(data), "--out", str(tmp_path / "e")]) == 0
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())["metrics"]
     assert metrics["examples"] == 48 and 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_zero_shot_retrieval_of_a_backbone_equals_the_api(tmp_path: Path) -> None:
+    import onepeace
+
+    data = PAIRS / "image_text.tsv"
+    args = ["evaluate", "coco_retrieval", "--model", "onepeace-small", "--data", str(data), "--out", str(tmp_path)]
+    assert main([*args, "--config", str(TINY / "coco_retrieval.yaml")]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    rows = [line.split("\t") for line in data.read_text().splitlines()[1:]]
+    model = onepeace.load("onepeace-small")
+    texts = model.embed(text=[caption for _, _, caption in rows]).text
+    images = model.embed(image=[PAIRS / image for _, image, _ in rows]).image
+    sim = texts @ images.t()  # every image of the file is distinct: row i's image is column i
+    own = sim.diagonal()
+    t2i_rank = (sim > own[:, None]).sum(dim=1)
+    i2t_rank = (sim.t() > own[:, None]).sum(dim=1)
+    for k in (1, 5, 10):
+        assert metrics[f"text_to_media_r{k}"] == pytest.approx(float((t2i_rank < k).double().mean()), abs=1e-9)
+        assert metrics[f"media_to_text_r{k}"] == pytest.approx(float((i2t_rank < k).double().mean()), abs=1e-9)
+    assert metrics["text_queries"] == metrics["media_queries"] == len(rows)
