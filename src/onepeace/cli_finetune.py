@@ -45,15 +45,13 @@ def add_finetune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> Non
 
 def _task_config(args: argparse.Namespace):
     """The recipe of an evaluation: ``--config`` (with ``--data`` as its validation data) or the defaults."""
-    from onepeace.finetune.config import FinetuneConfig, load_finetune_recipe, parse_finetune_recipe
+    from onepeace.finetune.config import load_finetune_recipe, parse_finetune_recipe
 
     overrides = [f"data.valid=[{json.dumps(str(args.data))}]", f"data.eval_batch_size={args.batch_size}"]
     overrides += ["data.num_workers=0", f"model.init_from={json.dumps(str(args.model))}"]
     if args.config:
         return load_finetune_recipe(args.config, overrides, task=args.task)
-    cfg = parse_finetune_recipe("{}", overrides, task=args.task)
-    assert isinstance(cfg, FinetuneConfig)
-    return cfg
+    return parse_finetune_recipe("{}", overrides, task=args.task)
 
 
 def run_task_evaluation(args: argparse.Namespace) -> int:

@@ -110,11 +110,14 @@ def _update(cfg, wrapped, task: TaskModel, optimizer, schedule, micro: list, log
     wrapped.train()
     start = time.perf_counter()
     sums: dict[str, float] = {}
+    gather = None
+    if dist.world_size > 1 and task.spec.kind is TaskKind.RETRIEVAL:
+        from onepeace.train.distributed import all_gather_no_grad as gather
     for batch in micro:
         with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             out = wrapped(batch)
         scale = task.model.logit_scale_exp() if task.spec.kind is TaskKind.RETRIEVAL else None
-        losses = task_loss(task.spec, out, batch, scale, cfg.model.label_smoothing)
+        losses = task_loss(task.spec, out, batch, scale, cfg.model.label_smoothing, gather, dist.rank)
         (losses.total / len(micro)).backward()
         for name, value in losses.scalars().items():
             sums[name] = sums.get(name, 0.0) + value / len(micro)

@@ -7,7 +7,7 @@ import torch
 from onepeace.finetune.batch import TaskBatch
 from onepeace.finetune.model import TaskOutput
 from onepeace.finetune.tasks import TaskKind, TaskSpec
-from onepeace.losses.contrastive import contrastive_loss
+from onepeace.losses.contrastive import Gather, contrastive_loss
 from onepeace.losses.named import NamedLosses
 from onepeace.losses.tasks import classification_loss, grounding_loss, multilabel_loss, pairwise_hinge_loss
 
@@ -24,6 +24,8 @@ def task_loss(
     batch: TaskBatch,
     logit_scale: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
+    gather: Gather | None = None,
+    rank: int = 0,
 ) -> NamedLosses:
     """The loss of ``spec`` on one batch.
 
@@ -32,11 +34,13 @@ def task_loss(
         logit_scale: retrieval only: ``exp`` of the clamped logit scale (scalar).
         label_smoothing: single-label cross-entropy (classification, NLVR2, image classification) with index
             targets; soft targets (mixup / cutmix) are used as given.
+        gather, rank: retrieval under several processes: the keys of both directions are gathered from every
+            rank (as in pretraining, spec §5.2), so each pair meets the negatives of the global batch.
     """
     kind = spec.kind
     if kind is TaskKind.RETRIEVAL:
         text, media = _need(out.text, "text embeddings", spec), _need(out.media, "media embeddings", spec)
-        result = contrastive_loss(media, text, _need(logit_scale, "a logit scale", spec))
+        result = contrastive_loss(media, text, _need(logit_scale, "a logit scale", spec), gather, rank)
         metrics = {"media2text_correct": result.a2b_correct, "text2media_correct": result.b2a_correct}
         return NamedLosses.weighted({"contrastive_loss": result.loss}, metrics=metrics)
     logits = _need(out.logits, "logits", spec)
