@@ -1,4 +1,4 @@
-"""Command line: ``onepeace embed | convert | info | pretrain | finetune | data | demo | evaluate | index``.
+"""Command line: ``onepeace embed | convert | info | pretrain | finetune | data | demo | evaluate | index | serve``.
 
 Parsing and ``--help`` import nothing heavy; torch and the model are imported by the command that needs them.
 Errors end the run with one line ``onepeace: error: <message>`` on stderr and exit code 2 (``--debug`` shows
@@ -12,7 +12,7 @@ import json
 import sys
 import traceback
 
-from onepeace import cli_data, cli_demo, cli_embed, cli_evaluate, cli_finetune, cli_index
+from onepeace import cli_data, cli_demo, cli_embed, cli_evaluate, cli_finetune, cli_index, cli_serve
 from onepeace.errors import OnePeaceError
 
 EXIT_ERROR = 2
@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_data.add_parser(sub, [debug])
     cli_demo.add_parser(sub, [debug])
     cli_index.add_parser(sub, [debug])
+    cli_serve.add_parser(sub, [debug])
     return parser
 
 
