@@ -1,4 +1,5 @@
-"""A smaller run of benchmarks/serve_load.py: 300 mixed requests from 16 clients against a real server process.
+"""The CI run of benchmarks/serve_load.py: 2,000 mixed requests from 16 clients (the figure the
+issue asks for; about 20 s here) against a real server process.
 
 Every valid request must get a 2xx, every bad one its expected 4xx, and the server must be alive at the end.
 """
@@ -29,9 +30,9 @@ def _load_benchmark():
 
 def test_serve_under_mixed_load(tmp_path: Path) -> None:
     bench = _load_benchmark()
-    report = bench.run_benchmark(requests=300, clients=16, max_seconds=240, workdir=tmp_path)
+    report = bench.run_benchmark(requests=2000, clients=16, max_seconds=300, workdir=tmp_path)
     print(bench.format_report(report))
-    assert report["sent"] == 300
+    assert report["sent"] == 2000
     assert report["failure_count"] == 0, report["failures"]
     assert report["server_alive"]
     for name, row in report["kinds"].items():
