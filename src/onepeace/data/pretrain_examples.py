@@ -28,7 +28,7 @@ from onepeace.data.masking import (
     with_cls,
 )
 from onepeace.data.pretrain_sources import BadRecord, Record
-from onepeace.data.tokenizer import MAX_TOKENS, Tokenizer, default_tokenizer
+from onepeace.data.tokenizer import Tokenizer, tokenizer_for
 from onepeace.errors import MissingDependencyError
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ class ExampleMaker:
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             n = self.config.max_text_tokens
-            self._tokenizer = default_tokenizer() if n == MAX_TOKENS else Tokenizer(n)
+            self._tokenizer = tokenizer_for(n)
         return self._tokenizer
 
     def decode(self, record: Record) -> Decoded:

@@ -217,3 +217,9 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
 def default_tokenizer() -> Tokenizer:
     """A shared :class:`Tokenizer` built on first use."""
     return Tokenizer()
+
+
+@lru_cache(maxsize=8)
+def tokenizer_for(max_tokens: int) -> Tokenizer:
+    """A shared :class:`Tokenizer` keeping ``max_tokens`` BPE tokens (one per limit and process)."""
+    return default_tokenizer() if max_tokens == MAX_TOKENS else Tokenizer(max_tokens)

@@ -34,7 +34,6 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
@@ -46,7 +45,7 @@ from onepeace.config import AudioAdapterConfig
 from onepeace.data.audio import collate_audio, load_audio, prepare_waveform
 from onepeace.data.image import load_image
 from onepeace.data.pretrain_sources import BadRecord, add_count
-from onepeace.data.tokenizer import MAX_TOKENS, Tokenizer, default_tokenizer
+from onepeace.data.tokenizer import Tokenizer, tokenizer_for
 from onepeace.errors import InputError, MissingDependencyError
 from onepeace.finetune import transforms
 from onepeace.finetune.batch import TaskBatch
@@ -105,12 +104,6 @@ def zero_shot_classes(cfg: FinetuneConfig, split: Literal["train", "valid"] = "v
     if not paths:
         raise ValueError(f"data.{split} is empty: give the {cfg.task} TSV file(s)")
     return read_class_names(cfg.spec, paths, cfg.data.root)
-
-
-@lru_cache(maxsize=4)
-def _tokenizer(max_tokens: int) -> Tokenizer:
-    """One tokenizer per length limit and process."""
-    return default_tokenizer() if max_tokens == MAX_TOKENS else Tokenizer(max_tokens)
 
 
 def _open_image(path: str, what: str) -> Image.Image:
@@ -265,7 +258,7 @@ class TaskCollator:
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             n = max(AQA_MAX_TOKENS, self.max_text_tokens) if self.spec.kind is TaskKind.AQA else self.max_text_tokens
-            self._tokenizer = _tokenizer(n)
+            self._tokenizer = tokenizer_for(n)
         return self._tokenizer
 
     def __call__(self, examples: Sequence[TaskExample]) -> TaskBatch:

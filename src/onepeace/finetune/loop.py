@@ -171,11 +171,11 @@ def _counted(loader, bar):
 @torch.no_grad()
 def _class_prompts(task: TaskModel, cfg: FinetuneConfig, device) -> torch.Tensor:
     """Zero-shot class embeddings ``[C, D]``: the prompt template filled with each class name, in label order."""
-    from onepeace.data.tokenizer import Tokenizer
+    from onepeace.data.tokenizer import tokenizer_for
     from onepeace.finetune.data import zero_shot_classes, zero_shot_prompts
 
     names = zero_shot_classes(cfg)
-    tokens = Tokenizer(cfg.data.max_text_tokens)(zero_shot_prompts(names, cfg.data.prompt))
+    tokens = tokenizer_for(cfg.data.max_text_tokens)(zero_shot_prompts(names, cfg.data.prompt))
     was_training = task.training
     task.eval()
     try:
