@@ -119,7 +119,7 @@ def warn(message: str) -> None:
     tqdm.write(f"onepeace: warning: {message}", file=sys.stderr)
 
 
-def _reason(item: Item, exc: BaseException) -> str:
+def failure_reason(item: Item, exc: BaseException) -> str:
     """The error message without the ``"image 0 ('path'): "`` label the preprocessing puts in front."""
     message = " ".join(str(exc).split()) or type(exc).__name__
     for prefix in (f"{item.modality} 0 ({item.payload!r}): ", f"{item.modality} 0: "):
@@ -128,7 +128,7 @@ def _reason(item: Item, exc: BaseException) -> str:
     return message
 
 
-def _run(model: Any, modality: str, payloads: list[str]) -> Any:
+def embed_batch(model: Any, modality: str, payloads: list[str]) -> Any:
     """``[B, D]`` float32 numpy embeddings of a single-modality batch (re-normalised if computed in low precision)."""
     import torch
     import torch.nn.functional as F
@@ -157,15 +157,15 @@ def embed_items(model: Any, items: list[Item], batch_size: int, quiet: bool, deb
             for start in range(0, len(indices), batch_size):
                 batch = indices[start : start + batch_size]
                 try:
-                    vectors.update(zip(batch, _run(model, modality, [items[i].payload for i in batch])))
+                    vectors.update(zip(batch, embed_batch(model, modality, [items[i].payload for i in batch])))
                 except Exception:
                     for i in batch:
                         try:
-                            vectors[i] = _run(model, modality, [items[i].payload])[0]
+                            vectors[i] = embed_batch(model, modality, [items[i].payload])[0]
                         except Exception as exc:  # one bad input never stops the run
                             if debug:
                                 traceback.print_exc()
-                            warn(f"skipped {items[i].source}: {_reason(items[i], exc)}")
+                            warn(f"skipped {items[i].source}: {failure_reason(items[i], exc)}")
                             skipped += 1
                 bar.update(len(batch))
     return vectors, skipped

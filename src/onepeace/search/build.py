@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from onepeace.cli_embed import MODALITY_ORDER, Item, _reason, _run, classify, collect, walk
+from onepeace.cli_embed import MODALITY_ORDER, Item, classify, collect, embed_batch, failure_reason, walk
 from onepeace.search.index import EmbeddingIndex, Repair
 from onepeace.search.store import STATUS_INDEXED, NewItem
 
@@ -222,17 +222,17 @@ def embed_candidates(
         for start in range(0, len(group), batch_size):
             batch = group[start : start + batch_size]
             try:
-                rows.append(_run(model, modality, [c.item.payload for c in batch]))
+                rows.append(embed_batch(model, modality, [c.item.payload for c in batch]))
                 done.extend(batch)
                 continue
             except Exception:
                 pass
             for candidate in batch:
                 try:
-                    rows.append(_run(model, modality, [candidate.item.payload]))
+                    rows.append(embed_batch(model, modality, [candidate.item.payload]))
                     done.append(candidate)
                 except Exception as exc:  # one bad input never stops the build
-                    failed.append((candidate, _reason(candidate.item, exc)))
+                    failed.append((candidate, failure_reason(candidate.item, exc)))
     vectors = np.concatenate(rows).astype(np.float32) if rows else np.zeros((0, 0), dtype=np.float32)
     return done, vectors, failed
 
@@ -242,7 +242,7 @@ def model_dim(model: Any) -> int:
     dim = getattr(getattr(model, "cfg", None), "embed_dim", None)
     if isinstance(dim, int):
         return dim
-    return int(_run(model, "text", ["a"]).shape[-1])
+    return int(embed_batch(model, "text", ["a"]).shape[-1])
 
 
 def model_label(name: str) -> str:
