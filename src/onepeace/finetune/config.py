@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from onepeace.finetune.tasks import TaskKind, TaskSpec, get_task
-from onepeace.train.config import OptimConfig, _yaml_load, apply_overrides, build_section
+from onepeace.train.config import OptimConfig, _yaml_load, apply_overrides, build_section, check_speed_fields
 
 
 def _check(ok: bool, message: str) -> None:
@@ -110,6 +110,12 @@ class FinetuneConfig:
     strategy: Literal["none", "ddp"] = "none"
     grad_accum: int = 1
     """Micro-batches per update (the official ``update_freq``): global batch = batch_size x GPUs x grad_accum."""
+    fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """FSDP: dtype of the gathered parameters; ``auto``: bf16 under ``precision: bf16``, else fp32."""
+    fsdp_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """FSDP: dtype gradients are reduced in."""
+    compile: bool = False
+    """Compile every fusion block with ``torch.compile`` (one graph per block)."""
     out_dir: str = "runs/finetune"
     log_every: int = 10
     max_updates: int | None = None
@@ -122,6 +128,7 @@ class FinetuneConfig:
         get_task(self.task)
         if self.model.image_size is not None and self.model.image_size != self.data.image_size:
             object.__setattr__(self, "data", dataclasses.replace(self.data, image_size=self.model.image_size))
+        check_speed_fields(self)
         _check(self.log_every >= 1, "log_every must be >= 1")
         _check(self.grad_accum >= 1, "grad_accum must be >= 1")
         _check(self.max_updates is None or self.max_updates >= 1, "max_updates must be >= 1")

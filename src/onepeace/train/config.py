@@ -36,6 +36,19 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_speed_fields(cfg: Any) -> None:
+    """Check the mixed-precision and compile fields a training config shares (``fsdp_*_dtype``, ``compile``)."""
+    _check(
+        cfg.fsdp_param_dtype in ("auto", "fp32", "bf16"),
+        f"fsdp_param_dtype must be 'auto', 'fp32' or 'bf16', got {cfg.fsdp_param_dtype!r}",
+    )
+    _check(
+        cfg.fsdp_reduce_dtype in ("fp32", "bf16"),
+        f"fsdp_reduce_dtype must be 'fp32' or 'bf16', got {cfg.fsdp_reduce_dtype!r}",
+    )
+    _check(isinstance(cfg.compile, bool), f"compile must be true or false, got {cfg.compile!r}")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW, gradient clipping and the warmup + cosine schedule (spec §5.5)."""
@@ -150,6 +163,12 @@ class TrainConfig:
     activation_checkpointing: bool = False
     strategy: Literal["none", "ddp", "fsdp"] = "none"
     find_unused_parameters: bool = False
+    fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """FSDP: dtype of the gathered parameters; ``auto``: bf16 under ``precision: bf16``, else fp32."""
+    fsdp_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """FSDP: dtype gradients are reduced in."""
+    compile: bool = False
+    """Compile every fusion block with ``torch.compile`` (one graph per block)."""
     out_dir: str = "runs/pretrain"
     log_every: int = 10
     save_every: int = 1000
@@ -164,6 +183,7 @@ class TrainConfig:
     """Data section: a plain mapping, or the dataclass given as ``data_config_type`` to the loader."""
 
     def __post_init__(self) -> None:
+        check_speed_fields(self)
         for name in ("grad_accum", "log_every", "save_every", "keep_last"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(self.max_updates is None or self.max_updates >= 1, "max_updates must be >= 1")

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal
 
 import torch
@@ -23,6 +24,12 @@ STRATEGIES: tuple[str, ...] = ("none", "ddp", "fsdp")
 FUSION_LAYER_PATTERN = r"(^|\.)(encoder|decoder)\.layers\.\d+$"
 """Submodules sharded one by one under FSDP (fusion and decoder layers), matched against ``named_modules`` names."""
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+TIMEOUT_ENV = "ONEPEACE_DIST_TIMEOUT"
+"""Environment variable giving the collective timeout in seconds."""
+DEFAULT_TIMEOUT_SECONDS = 1800.0
+"""Collective timeout without ``ONEPEACE_DIST_TIMEOUT``: a rank stuck for 30 minutes fails the job."""
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""Config spellings of the FSDP mixed-precision dtypes."""
 
 
 @dataclass(frozen=True)
@@ -47,17 +54,20 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(backend: str | None = None) -> DistInfo:
+def init_distributed(backend: str | None = None, timeout: float | None = None) -> DistInfo:
     """Join the process group described by the ``torchrun`` environment, or fall back to one process.
 
     Args:
         backend: ``"gloo"`` or ``"nccl"``; by default nccl when CUDA is available, else gloo. With ``"gloo"`` the
             device is the CPU even if CUDA is present.
+        timeout: seconds a collective may wait before the job fails (see :func:`dist_timeout`); None reads
+            ``ONEPEACE_DIST_TIMEOUT`` or uses :data:`DEFAULT_TIMEOUT_SECONDS`.
 
     Returns:
         DistInfo. Launched by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` set), the
-        default process group is initialised (once) with ``env://``; otherwise rank 0 of a world of 1 with no
-        process group, on ``cuda:0`` when available.
+        default process group is initialised (once) with ``env://``, the timeout and, on CUDA, ``device_id`` (the
+        communicator is bound to this rank's GPU at once); otherwise rank 0 of a world of 1 with no process group,
+        on ``cuda:0`` when available.
     """
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     if not all(name in os.environ for name in _TORCHRUN_ENV):
@@ -69,8 +79,34 @@ def init_distributed(backend: str | None = None) -> DistInfo:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         chosen = backend or ("nccl" if use_cuda else "gloo")
-        dist.init_process_group(backend=chosen, init_method="env://", rank=rank, world_size=world)
+        dist.init_process_group(
+            backend=chosen,
+            init_method="env://",
+            rank=rank,
+            world_size=world,
+            timeout=dist_timeout(timeout),
+            device_id=device if use_cuda else None,
+        )
     return DistInfo(rank, world, local_rank, device)
+
+
+def dist_timeout(seconds: float | None = None) -> timedelta:
+    """How long a collective may wait: ``seconds``, else ``ONEPEACE_DIST_TIMEOUT`` (seconds), else 30 minutes.
+
+    Raises ``ValueError`` for a value that is not a positive number of seconds.
+    """
+    source = "timeout"
+    if seconds is None and TIMEOUT_ENV in os.environ:
+        source, text = TIMEOUT_ENV, os.environ[TIMEOUT_ENV]
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {text!r}") from None
+    if seconds is None:
+        seconds = DEFAULT_TIMEOUT_SECONDS
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{source} must be a positive, finite number of seconds, got {seconds!r}")
+    return timedelta(seconds=seconds)
 
 
 def get_rank() -> int:
@@ -219,9 +255,9 @@ def wrap_model(
     tensors, excluded from FSDP, and a gradient hook averages their gradient over ranks. They are also not cast by
     ``param_dtype``; every rank must produce their gradient in every backward (the hook is a collective).
     Gradients of sharded parameters are averaged over ranks, as under DDP. ``fully_shard`` converts ``module`` in
-    place (the same object is returned). With ``param_dtype`` set, :class:`~onepeace.model.OnePeaceModel` image and
-    audio inputs currently fail: the model casts them to the dtype of ``logit_scale``, which stays float32, while the
-    stems run in ``param_dtype`` (text works).
+    place (the same object is returned). With ``param_dtype=torch.bfloat16`` every modality runs: the image stem and
+    the audio extractor cast their inputs to the dtype of their own (gathered) weights. :func:`wrap_kwargs` maps a
+    recipe's ``precision`` and ``fsdp_*_dtype`` fields to these arguments.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
@@ -236,6 +272,43 @@ def wrap_model(
     return _fully_shard(
         module, device, param_dtype, reduce_dtype, reshard_after_forward, forward_methods, layer_pattern
     )
+
+
+def mixed_precision_kwargs(
+    precision: str, param_dtype: str = "auto", reduce_dtype: str = "fp32"
+) -> dict[str, torch.dtype | None]:
+    """The FSDP2 ``param_dtype`` / ``reduce_dtype`` arguments of :func:`wrap_model` for a recipe.
+
+    Args:
+        precision: the recipe's compute precision, ``"fp32"`` or ``"bf16"`` (autocast).
+        param_dtype: dtype parameters are all-gathered and computed in: ``"auto"`` (bf16 under ``precision: bf16``,
+            else the stored fp32), ``"fp32"`` or ``"bf16"``.
+        reduce_dtype: dtype gradients are reduce-scattered in, ``"fp32"`` or ``"bf16"``.
+
+    Returns:
+        ``{"param_dtype": dtype or None, "reduce_dtype": dtype}``; ``None`` keeps the stored dtype.
+    """
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
+    if param_dtype not in (*DTYPES, "auto"):
+        raise ValueError(f"fsdp_param_dtype must be one of auto, {', '.join(DTYPES)}, got {param_dtype!r}")
+    if reduce_dtype not in DTYPES:
+        raise ValueError(f"fsdp_reduce_dtype must be one of {', '.join(DTYPES)}, got {reduce_dtype!r}")
+    if param_dtype == "auto":
+        param_dtype = "bf16" if precision == "bf16" else "fp32"
+    param = DTYPES[param_dtype]
+    return {"param_dtype": None if param == torch.float32 else param, "reduce_dtype": DTYPES[reduce_dtype]}
+
+
+def wrap_kwargs(cfg: Any) -> dict[str, Any]:
+    """Keyword arguments of :func:`wrap_model` from a ``TrainConfig`` or ``FinetuneConfig``.
+
+    Reads ``precision``, ``fsdp_param_dtype``, ``fsdp_reduce_dtype`` and (when the config has it)
+    ``find_unused_parameters``: ``wrap_model(module, cfg.strategy, **wrap_kwargs(cfg))``.
+    """
+    kwargs: dict[str, Any] = dict(mixed_precision_kwargs(cfg.precision, cfg.fsdp_param_dtype, cfg.fsdp_reduce_dtype))
+    kwargs["find_unused_parameters"] = bool(getattr(cfg, "find_unused_parameters", False))
+    return kwargs
 
 
 def _fully_shard(

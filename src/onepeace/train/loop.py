@@ -79,7 +79,13 @@ def pretrain(cfg: TrainConfig, resume: str | Path | None = None) -> RunResult:
     """Run (or resume) a pretraining recipe; rank 0 logs, checkpoints and exports the final backbone."""
     from onepeace.train.build import build_objective
     from onepeace.train.checkpoint import latest_checkpoint
-    from onepeace.train.distributed import apply_activation_checkpointing, cleanup, init_distributed, wrap_model
+    from onepeace.train.distributed import (
+        apply_activation_checkpointing,
+        cleanup,
+        init_distributed,
+        wrap_kwargs,
+        wrap_model,
+    )
     from onepeace.train.optim import build_optimizer
     from onepeace.train.schedule import LRSchedule, resolve_total
     from onepeace.train.tracking import MetricsLogger, progress_bar
@@ -91,7 +97,7 @@ def pretrain(cfg: TrainConfig, resume: str | Path | None = None) -> RunResult:
     objective = build_objective(cfg, _gather(cfg), dist.rank).to(dist.device)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(objective)
-    wrapped = wrap_model(objective, cfg.strategy, find_unused_parameters=cfg.find_unused_parameters)
+    wrapped = wrap_model(objective, cfg.strategy, **wrap_kwargs(cfg))
     optim_cfg = resolve_total(cfg.optim, _batches_per_epoch(cfg, dist), cfg.grad_accum)
     optimizer = build_optimizer(objective, optim_cfg)
     schedule = LRSchedule(optimizer, optim_cfg)
