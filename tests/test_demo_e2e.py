@@ -11,6 +11,8 @@ import pytest
 import onepeace
 from onepeace.cli import main
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = "tuxpaint,numerals,espeak,instruments"
 

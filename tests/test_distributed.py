@@ -155,11 +155,13 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, torch.Tens
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 
+@pytest.mark.dist
 def test_ranks_and_main(ranks: list[dict[str, torch.Tensor]]) -> None:
     assert [int(r["rank"]) for r in ranks] == [0, 1]
     assert [bool(r["is_main"]) for r in ranks] == [True, False]
 
 
+@pytest.mark.dist
 def test_gathers_values_and_reduce_mean(ranks: list[dict[str, torch.Tensor]]) -> None:
     x_full, _ = _gather_inputs()
     for r in ranks:
@@ -168,6 +170,7 @@ def test_gathers_values_and_reduce_mean(ranks: list[dict[str, torch.Tensor]]) ->
         assert torch.allclose(r["reduce_mean"], torch.tensor([0.5, 1.0]))
 
 
+@pytest.mark.dist
 def test_with_grad_gather_gradient_is_that_of_the_summed_rank_losses(ranks: list[dict[str, torch.Tensor]]) -> None:
     x_full, weights = _gather_inputs()
     x = x_full.clone().requires_grad_()
@@ -176,6 +179,7 @@ def test_with_grad_gather_gradient_is_that_of_the_summed_rank_losses(ranks: list
         torch.testing.assert_close(r["with_grad.grad"], x.grad[rank * LOCAL : (rank + 1) * LOCAL])
 
 
+@pytest.mark.dist
 def test_official_contrastive_loss_matches_one_process_in_value(ranks: list[dict[str, torch.Tensor]]) -> None:
     a, b, scale = _pairs()
     single = contrastive_loss(a, b, scale)
@@ -186,6 +190,7 @@ def test_official_contrastive_loss_matches_one_process_in_value(ranks: list[dict
         assert sum(r[f"{kind}.b2a"] for r in ranks) == single.b2a_correct
 
 
+@pytest.mark.dist
 def test_official_contrastive_gradient_is_the_query_side_only(ranks: list[dict[str, torch.Tensor]]) -> None:
     a_full, b_full, scale = _pairs()
     a, b = a_full.clone().requires_grad_(), b_full.clone().requires_grad_()
@@ -201,6 +206,7 @@ def test_official_contrastive_gradient_is_the_query_side_only(ranks: list[dict[s
         torch.testing.assert_close(r["with_grad.b_grad"] / WORLD, b2.grad[rows])
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_wrapped_sgd_step_matches_one_process(ranks: list[dict[str, torch.Tensor]], strategy: str) -> None:
     objective = _tiny_objective()

@@ -111,6 +111,7 @@ def _rank_mean(run: list[Results], key: str) -> torch.Tensor:
     return sum(r[key] for r in run) / len(run)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize(("stage", "strategy"), W.RUNS, ids=RUN_IDS)
 def test_loss_and_terms_match_one_process(
     ranks: list[Results], references: dict[int, Reference], stage: int, strategy: str
@@ -128,6 +129,7 @@ def test_loss_and_terms_match_one_process(
                 torch.testing.assert_close(run[rank][f"term.{name}"], half.terms[name].detach(), **TOL)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize(("stage", "strategy"), W.RUNS, ids=RUN_IDS)
 def test_contrastive_metrics_add_up(
     ranks: list[Results], references: dict[int, Reference], stage: int, strategy: str
@@ -141,6 +143,7 @@ def test_contrastive_metrics_add_up(
                 torch.testing.assert_close(r[f"metric.{name}"], value, **TOL)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize(("stage", "strategy"), W.RUNS, ids=RUN_IDS)
 def test_gradients_match_one_process(
     ranks: list[Results], references: dict[int, Reference], stage: int, strategy: str

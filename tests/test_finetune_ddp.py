@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torchrun import launch
 
 from onepeace.cli import main
+
+pytestmark = pytest.mark.dist
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "finetune" / "tiny" / "imagenet.yaml"

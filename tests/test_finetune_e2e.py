@@ -45,6 +45,7 @@ def _losses(run: Path, term: str) -> list[float]:
     return [row[term] for row in sorted(rows, key=lambda r: r["step"])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", TRAINED)
 def test_head_trains_and_its_checkpoint_evaluates(task: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data, run = _data(task), tmp_path / "run"

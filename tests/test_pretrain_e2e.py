@@ -21,6 +21,8 @@ from onepeace.data.pretrain import PretrainDataConfig
 from onepeace.train.build import build_objective
 from onepeace.train.config import load_recipe
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = ROOT / "tests" / "data" / "tiny_pairs"
 STAGE1, STAGE2 = ROOT / "configs" / "tiny_stage1.yaml", ROOT / "configs" / "tiny_stage2.yaml"
@@ -129,6 +131,7 @@ def _torchrun(run: Path, *extra: str) -> None:
     launch([*args, "keep_last=5", *extra], nproc=2, timeout=300, cwd=ROOT)
 
 
+@pytest.mark.dist
 def test_fsdp_run_resumes_exactly_under_torchrun(tmp_path: Path) -> None:
     """Two gloo processes with FSDP2: 6 updates straight equal 3 updates, a stop, and a resume for 3 more."""
     _torchrun(tmp_path / "straight")

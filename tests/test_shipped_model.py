@@ -41,6 +41,7 @@ def test_load_gives_float32_three_modality_model_and_fresh_one_on_request() -> N
     )
 
 
+@pytest.mark.slow
 def test_heldout_metrics_match_the_model_card(tmp_path: Path) -> None:
     """Build the held-out split of the apt-installable sources, evaluate, compare with the recorded figures."""
     expected = json.loads(EXPECTED.read_text())
