@@ -19,13 +19,26 @@ class MaskedView:
     Attributes:
         mask: ``[B, S]`` bool over the full cls-prefixed sequence, True = masked (cls and eos never; padding False).
         keep: ``[B, S_keep]`` int64 visible positions, ascending, cls (0) first, right-padded with -1.
+        num_masked: masked positions in the batch (cls excluded), counted on the host when the view is built
+            from CPU tensors (None otherwise), so the denoising loss needs no host sync to size its queries.
     """
 
     mask: torch.Tensor
     keep: torch.Tensor
+    num_masked: int | None = None
 
-    def to(self, device: torch.device | str) -> MaskedView:
-        return MaskedView(self.mask.to(device), self.keep.to(device))
+    def __post_init__(self) -> None:
+        if self.num_masked is None and self.mask.device.type == "cpu":
+            object.__setattr__(self, "num_masked", int(self.mask[:, 1:].sum()))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskedView:
+        """A copy on ``device`` (``non_blocking``: asynchronous copies from pinned memory)."""
+        move = {"non_blocking": non_blocking}
+        return MaskedView(self.mask.to(device, **move), self.keep.to(device, **move), self.num_masked)
+
+    def pin_memory(self) -> MaskedView:
+        """A copy in page-locked host memory (``DataLoader(pin_memory=True)`` calls this)."""
+        return MaskedView(self.mask.pin_memory(), self.keep.pin_memory(), self.num_masked)
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,10 @@ class PretrainBatch:
         audio_padding_mask: ``[B, T + 1]`` bool, True = padding (stage 2) or None.
         views: masked views keyed by the names in :data:`VIEWS_STAGE1` / :data:`VIEWS_STAGE2`.
         num_samples: real samples in the batch (duplicates added to even out ranks are not counted).
+        num_text_tokens: tokens that are not padding (id 1), counted on the host when the batch is built from CPU
+            tensors (None otherwise); with ``num_audio_frames`` and the views' ``num_masked`` it lets the
+            denoising losses run without host syncs.
+        num_audio_frames: audio frames that are not padding (cls column excluded), counted likewise.
     """
 
     text: torch.Tensor
@@ -47,6 +64,15 @@ class PretrainBatch:
     audio_padding_mask: torch.Tensor | None = None
     views: dict[str, MaskedView] = field(default_factory=dict)
     num_samples: int | None = None
+    num_text_tokens: int | None = None
+    num_audio_frames: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_text_tokens is None and self.text.device.type == "cpu":
+            object.__setattr__(self, "num_text_tokens", int(self.text.ne(1).sum()))
+        pad = self.audio_padding_mask
+        if self.num_audio_frames is None and pad is not None and pad.device.type == "cpu":
+            object.__setattr__(self, "num_audio_frames", int((~pad[:, 1:].bool()).sum()))
 
     @property
     def batch_size(self) -> int:
@@ -58,12 +84,29 @@ class PretrainBatch:
             return None
         return self.audio_waveform, self.audio_padding_mask
 
-    def to(self, device: torch.device | str) -> PretrainBatch:
-        """A copy with every tensor on ``device``."""
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PretrainBatch:
+        """A copy with every tensor on ``device`` (``non_blocking``: asynchronous copies from pinned memory)."""
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
-                moved[f.name] = value.to(device)
-        moved["views"] = {k: v.to(device) for k, v in self.views.items()}
+                moved[f.name] = value.to(device, non_blocking=non_blocking)
+        moved["views"] = {k: v.to(device, non_blocking) for k, v in self.views.items()}
         return replace(self, **moved)
+
+    def pin_memory(self) -> PretrainBatch:
+        """A copy with every tensor in page-locked host memory (``DataLoader(pin_memory=True)`` calls this)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved = {k: v.pin_memory() for k, v in moved.items() if isinstance(v, torch.Tensor)}
+        moved["views"] = {k: v.pin_memory() for k, v in self.views.items()}
+        return replace(self, **moved)
+
+
+def pin_memory_for(device: torch.device | str | None = None) -> bool:
+    """Whether a loader feeding ``device`` pins its batches: only for a CUDA device (None: when CUDA is available).
+
+    Pinned (page-locked) host batches let ``batch.to(device, non_blocking=True)`` overlap the copy with compute.
+    """
+    if device is None:
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda"

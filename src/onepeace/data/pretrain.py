@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from onepeace.config import AudioAdapterConfig
 from onepeace.data.audio import collate_audio
-from onepeace.data.batch import VIEWS_STAGE1, VIEWS_STAGE2, PretrainBatch
+from onepeace.data.batch import VIEWS_STAGE1, VIEWS_STAGE2, PretrainBatch, pin_memory_for
 from onepeace.data.masking import collate_view
 from onepeace.data.pretrain_examples import Example, ExampleMaker
 from onepeace.data.pretrain_shards import ShardPretrainDataset, count_shard_samples, expand_shards, plan_shards
@@ -203,14 +203,21 @@ class PretrainCollator:
 
 
 def build_pretrain_loader(
-    config: PretrainDataConfig, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0, skip_batches: int = 0
+    config: PretrainDataConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    epoch: int = 0,
+    skip_batches: int = 0,
+    device: torch.device | str | None = None,
 ) -> DataLoader:
     """Loader of one rank's batches (:class:`LoadedBatch`) for one epoch.
 
     Every rank gets the same number of full batches of ``config.batch_size`` (repeats are flagged: they are not
     counted in ``num_samples``). The order is fixed by ``seed + epoch`` and the examples by
     ``(seed, epoch, slot)``. ``skip_batches`` starts after that many batches of this rank's epoch; for an exact
-    resume keep ``world_size`` (and, for shards, ``num_workers``) unchanged.
+    resume keep ``world_size`` (and, for shards, ``num_workers``) unchanged. Batches are pinned when they feed a
+    CUDA ``device`` (see :func:`onepeace.data.batch.pin_memory_for`).
     """
     if not config.paths:
         raise ValueError("PretrainDataConfig.paths is empty: give the TSV files or shards to read")
@@ -221,6 +228,7 @@ def build_pretrain_loader(
     # The loader's own generator: starting an iterator must not draw from the global RNG (exact resume).
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     options: dict[str, Any] = {"num_workers": workers, "collate_fn": PretrainCollator(config), "generator": generator}
+    options["pin_memory"] = pin_memory_for(device)
     if workers > 0:
         options["prefetch_factor"] = config.prefetch_factor
     if config.format == "tsv":

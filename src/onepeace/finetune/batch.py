@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -54,11 +55,14 @@ class TaskBatch:
             return None
         return self.audio_waveform, self.audio_padding_mask
 
-    def to(self, device: torch.device | str) -> TaskBatch:
-        """A copy with every tensor on ``device``."""
-        moved = {
-            f.name: getattr(self, f.name).to(device)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        return replace(self, **moved)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TaskBatch:
+        """A copy with every tensor on ``device`` (``non_blocking``: asynchronous copies from pinned memory)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> TaskBatch:
+        """A copy with every tensor in page-locked host memory (``DataLoader(pin_memory=True)`` calls this)."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TaskBatch:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: fn(v) for k, v in values.items() if isinstance(v, torch.Tensor)})

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from onepeace.config import AudioAdapterConfig
 from onepeace.data.audio import collate_audio, load_audio, prepare_waveform
+from onepeace.data.batch import pin_memory_for
 from onepeace.data.image import load_image
 from onepeace.data.pretrain_sources import BadRecord, add_count
 from onepeace.data.tokenizer import Tokenizer, tokenizer_for
@@ -334,13 +335,17 @@ def build_task_loader(
     rank: int = 0,
     world_size: int = 1,
     epoch: int = 0,
+    device: torch.device | str | None = None,
+    skip_batches: int = 0,
 ) -> DataLoader:
     """Loader of one rank's :class:`TaskBatch` es of ``cfg.data.train`` or ``cfg.data.valid`` for one epoch.
 
     Training: shuffled with ``cfg.seed + epoch`` and sharded (:func:`shard_indices`), batches of
     ``data.batch_size``, the last one possibly smaller. Evaluation: file order, batches of ``data.eval_batch_size``.
     ``audio_cfg`` is the model's audio adapter config (``max_duration`` from ``cfg.data``). The dataset
-    (``loader.dataset``, a :class:`TaskDataset`) gives the zero-shot class names.
+    (``loader.dataset``, a :class:`TaskDataset`) gives the zero-shot class names. Batches are pinned when they
+    feed a CUDA ``device`` (see :func:`onepeace.data.batch.pin_memory_for`). ``skip_batches`` (training) starts
+    after that many batches of this rank's epoch, as a resumed run does.
     """
     if split not in ("train", "valid"):
         raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
@@ -356,6 +361,9 @@ def build_task_loader(
     dataset = TaskDataset(spec, rows, data, audio_cfg, split, cfg.seed, epoch)
     collate = TaskCollator(spec, cfg.num_classes, data, audio_cfg, train, cfg.model.label_smoothing, cfg.seed, epoch)
     indices = shard_indices(len(rows), train, rank, world_size, cfg.seed + epoch)
+    if skip_batches < 0 or (skip_batches and not train):
+        raise ValueError(f"skip_batches must be >= 0 and only skips training batches, got {skip_batches} ({split})")
+    indices = indices[skip_batches * data.batch_size :]
     return DataLoader(
         dataset,
         batch_size=data.batch_size if train else data.eval_batch_size,
@@ -364,4 +372,5 @@ def build_task_loader(
         num_workers=data.num_workers,
         drop_last=False,
         generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),
+        pin_memory=pin_memory_for(device),
     )

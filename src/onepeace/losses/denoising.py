@@ -17,6 +17,8 @@ def denoising_loss(
     padding_mask: Tensor | None = None,
     logit_scale: float = 2.5,
     label_smoothing: float = 0.1,
+    num_queries: int | None = None,
+    num_keys: int | None = None,
 ) -> Tensor:
     """Contrastive denoising loss of one modality segment, as the official ``compute_dcl_loss`` defines it.
 
@@ -38,6 +40,11 @@ def denoising_loss(
         padding_mask: optional ``[B, S]`` bool, True = padding; padded positions are neither queries nor keys.
         logit_scale: inverse temperature (2.5 = 1 / 0.4 in pretraining).
         label_smoothing: ``eps`` above (0.1 in pretraining; 0 gives the plain cross-entropy).
+        num_queries: ``Q``, the number of masked positions outside cls and padding, when the caller knows it
+            (the data layer counts it on the host); with it, and with ``num_keys`` when ``padding_mask`` is given,
+            the loss selects rows with fixed-size index lists and reads nothing back to the host. A wrong count
+            fails a device-side assert.
+        num_keys: ``K``, the number of positions outside cls and padding (needed with ``padding_mask``).
 
     Returns:
         Scalar float32 loss. With no masked token it is an exact zero that still depends on ``student`` (its
@@ -50,8 +57,9 @@ def denoising_loss(
     is_query = mask[:, 1:].reshape(-1)  # [B * (S - 1)]
     if padding_mask is not None:
         real = ~padding_mask[:, 1:].reshape(-1)  # [B * (S - 1)]
-        queries, keys, is_query = queries[real], keys[real], is_query[real]  # [K, D], [K, D], [K]
-    targets = is_query.nonzero().squeeze(1)  # [Q]: index of each query's own key
+        rows = _positions(real, num_keys, "num_keys")  # [K]
+        queries, keys, is_query = queries[rows], keys[rows], is_query[rows]  # [K, D], [K, D], [K]
+    targets = _positions(is_query, num_queries, "num_queries")  # [Q]: index of each query's own key
     if targets.numel() == 0:
         return queries.float()[:0].sum()  # zero with a graph to the student
     q = F.normalize(queries[targets].float(), dim=-1)  # [Q, D]
@@ -61,6 +69,14 @@ def denoising_loss(
     smooth = -lprobs.sum(dim=-1)  # [Q]
     eps_other = label_smoothing / max(k.shape[0] - 1, 1)
     return ((1.0 - label_smoothing - eps_other) * nll + eps_other * smooth).mean()
+
+
+def _positions(flags: Tensor, count: int | None, name: str) -> Tensor:
+    """Indices of the True entries of a 1-D bool tensor; with ``count`` known, without a host sync."""
+    if count is None:
+        return flags.nonzero().squeeze(1)
+    torch._assert_async(flags.sum() == count, f"{name} = {count} does not match the masks")
+    return torch.nonzero_static(flags, size=count).squeeze(1)
 
 
 def _check(student: Tensor, teacher: Tensor, mask: Tensor, padding_mask: Tensor | None) -> None:

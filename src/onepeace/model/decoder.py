@@ -76,10 +76,9 @@ class PretrainDecoder(nn.Module):
         batch, length = seg.padding_mask.shape
         visible = self.embed_in[modality.value](seg.visible)  # [B, S_keep, d]
         token = self.mask_tokens[modality.value].to(visible.dtype)
-        full = token.expand(batch, length, -1).clone()
-        rows = torch.arange(batch, device=visible.device)[:, None].expand_as(seg.keep)
-        valid = seg.keep >= 0
-        full[rows[valid], seg.keep[valid]] = visible[valid]
+        full = token.expand(batch, length + 1, -1).clone()  # one spare column receives the -1 padding
+        index = seg.keep.masked_fill(seg.keep < 0, length)  # [B, S_keep]
+        full = full.scatter(1, index.unsqueeze(-1).expand_as(visible), visible)[:, :length]  # [B, S, d]
         return full + self._positions(modality, length).unsqueeze(0).to(visible.dtype)
 
     def forward(self, inputs: dict[Modality, DecoderInput]) -> dict[Modality, torch.Tensor]:

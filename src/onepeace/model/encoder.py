@@ -21,24 +21,39 @@ class EncoderOutput:
     intermediates: tuple[torch.Tensor, ...]
 
 
-def joint_bias(inputs: list[AdapterOutput], padding_mask: torch.Tensor, table: int) -> torch.Tensor | None:
-    """Block-diagonal additive attention bias for table ``table``.
+def joint_bias(
+    inputs: list[AdapterOutput], padding_mask: torch.Tensor, table: int, dtype: torch.dtype | None = None
+) -> torch.Tensor | None:
+    """Block-diagonal additive attention bias for table ``table``, built in ``dtype`` (default: the tables').
 
     Intra-modality blocks hold that adapter's relative-position bias, cross-modal blocks are 0, and every
-    padded key column is -inf. Returns ``[B, H, S_total, S_total]``, or None when no adapter has a bias.
+    padded key column is -inf. Returns ``[B, H, S_total, S_total]``; ``[1, H, S_total, S_total]`` (broadcast over
+    the batch) when every adapter bias is ``[1, ...]`` and no adapter may hold padding; None when no adapter has
+    a bias.
     """
     if not any(out.rel_pos_bias for out in inputs):
         return None
-    batch, total = padding_mask.shape
+    padded = any(out.padded for out in inputs)
+    rows = max(out.rel_pos_bias[table].shape[0] for out in inputs)
+    batch, total = (padding_mask.shape[0] if padded else rows), padding_mask.shape[1]
     heads = inputs[0].rel_pos_bias[0].shape[1]
-    dtype = inputs[0].rel_pos_bias[0].dtype
+    dtype = dtype or inputs[0].rel_pos_bias[0].dtype
     bias = torch.zeros(batch, heads, total, total, dtype=dtype, device=padding_mask.device)
     start = 0
     for out in inputs:
         stop = start + out.embedding.shape[1]
         bias[:, :, start:stop, start:stop] = out.rel_pos_bias[table]
         start = stop
+    if not padded:
+        return bias
     return bias.masked_fill(padding_mask[:, None, None, :], float("-inf"))
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype attention runs in for input ``x``: the autocast dtype when autocast is on, else ``x.dtype``."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class FusionEncoder(nn.Module):
@@ -82,7 +97,8 @@ class FusionEncoder(nn.Module):
         num_tables = {len(p.rel_pos_bias) for p in parts}
         if len(num_tables) != 1:
             raise ValueError(f"adapters disagree on the number of relative-position tables: {sorted(num_tables)}")
-        biases = [joint_bias(parts, padding, k) for k in range(max(num_tables.pop(), 1))]
+        dtype = compute_dtype(x)
+        biases = [joint_bias(parts, padding, k, dtype) for k in range(max(num_tables.pop(), 1))]  # once per pass
         states = []
         for i, layer in enumerate(self.layers):
             bias = biases[i] if len(biases) == len(self.layers) else biases[0]

@@ -64,12 +64,17 @@ class OnePeaceModel(nn.Module):
         image: torch.Tensor | None = None,
         audio: AudioInput | tuple[torch.Tensor, torch.Tensor] | None = None,
         keep: dict[Modality, torch.Tensor] | None = None,
+        check_values: bool = True,
     ) -> dict[Modality, AdapterOutput]:
-        """Run the adapters of the modalities given (``keep``: optional kept positions per modality, §2.5)."""
+        """Run the adapters of the modalities given (``keep``: optional kept positions per modality, §2.5).
+
+        ``check_values=False`` turns the token-range check into a device-side assert (no host sync), for
+        training batches whose values the data layer built; the default raises ``ValueError`` at once.
+        """
         keep = keep or {}
         out: dict[Modality, AdapterOutput] = {}
         if text is not None:
-            self._check_tokens(text)
+            self._check_tokens(text, check_values)
             out[Modality.TEXT] = self.adapter(Modality.TEXT)(text, keep.get(Modality.TEXT))
         if image is not None:
             out[Modality.IMAGE] = self.adapter(Modality.IMAGE)(image, keep.get(Modality.IMAGE))
@@ -88,18 +93,20 @@ class OnePeaceModel(nn.Module):
         *,
         keep: dict[Modality, torch.Tensor] | None = None,
         return_intermediates: bool = False,
+        check_values: bool = True,
     ) -> Features:
         """One encoder pass over the modalities given (several = one joint pass, text first).
 
         Args:
             text: ``[B, n]`` token ids. image: ``[B, 3, S, S]``. audio: ``(waveform [B, N], padding_mask [B, T+1])``.
             keep: optional kept positions per modality for masked (denoising) passes.
+            check_values: see :meth:`embed_inputs` (False: no host sync for the token check).
 
         Returns:
             Features whose ``.text`` / ``.image`` / ``.audio`` are SegmentOutput(hidden ``[B, S_m, D]``,
             padding_mask ``[B, S_m]``); modalities not given are None.
         """
-        encoded = self.encode_inputs(self.embed_inputs(text, image, audio, keep), return_intermediates)
+        encoded = self.encode_inputs(self.embed_inputs(text, image, audio, keep, check_values), return_intermediates)
         seg = encoded.segments
         return Features(
             text=seg.get(Modality.TEXT),
@@ -161,10 +168,14 @@ class OnePeaceModel(nn.Module):
         """Recompute each fusion layer in backward instead of storing its activations."""
         self.encoder.grad_checkpointing = enable
 
-    def _check_tokens(self, tokens: torch.Tensor) -> None:
+    def _check_tokens(self, tokens: torch.Tensor, check_values: bool = True) -> None:
         if tokens.dtype not in (torch.int64, torch.int32) or tokens.ndim != 2:
             raise ValueError(f"text tokens must be an integer [B, n] tensor, got {tokens.dtype} {tuple(tokens.shape)}")
         vocab = self.cfg.text.vocab_size
+        if not check_values:
+            inside = ((tokens >= 0) & (tokens < vocab)).all()
+            torch._assert_async(inside, f"a token id is outside the vocabulary (0..{vocab - 1})")
+            return
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
             bad = tokens[(tokens < 0) | (tokens >= vocab)][0].item()
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")

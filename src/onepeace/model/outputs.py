@@ -20,11 +20,14 @@ class AdapterOutput:
         embedding: ``[B, S, D]`` unit embeddings with the cls vector first and absolute positions added.
         padding_mask: ``[B, S]`` bool, True = padding.
         rel_pos_bias: one ``[B or 1, H, S, S]`` additive bias per relative-position table (1 shared or L per layer).
+        padded: False when the adapter knows without reading ``padding_mask`` that no position is padding (whole
+            images); the joint bias is then broadcast over the batch.
     """
 
     embedding: torch.Tensor
     padding_mask: torch.Tensor
     rel_pos_bias: tuple[torch.Tensor, ...]
+    padded: bool = True
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from onepeace.data.batch import PretrainBatch
+from onepeace.data.batch import MaskedView, PretrainBatch
 from onepeace.losses.contrastive import contrastive_loss
 from onepeace.losses.denoising import denoising_loss
 from onepeace.losses.named import NamedLosses
 from onepeace.modality import Modality
 from onepeace.model import OnePeaceModel
 from onepeace.model.decoder import DecoderInput, PretrainDecoder
+from onepeace.model.outputs import Features
 from onepeace.train.config import LossConfig
 
 T, IMG, A = Modality.TEXT, Modality.IMAGE, Modality.AUDIO
@@ -57,12 +58,26 @@ class PretrainObjective(nn.Module):
         self, inputs: dict[Modality, object], keep: dict[Modality, torch.Tensor], padding: dict[Modality, torch.Tensor]
     ) -> dict[Modality, torch.Tensor]:
         """Masked pass: encoder on kept units, decoder back to full length: ``{m: [B, S_m, D]}``."""
-        feats = self.model.forward_features(**{m.value: x for m, x in inputs.items()}, keep=keep)
+        feats = self.model.forward_features(**{m.value: x for m, x in inputs.items()}, keep=keep, check_values=False)
         return self.decoder({m: DecoderInput(feats[m].hidden, keep[m], padding[m]) for m in keep})
 
-    def _dcl(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, padding: torch.Tensor | None):
+    def _dcl(self, student: torch.Tensor, teacher: torch.Tensor, view: MaskedView, padding, num_keys: int | None):
+        """Denoising loss of one view; the host-side counts of the batch keep it free of host syncs."""
         w = self.weights
-        return denoising_loss(student, teacher.detach(), mask, padding, w.dcl_logit_scale, w.label_smoothing)
+        return denoising_loss(
+            student,
+            teacher.detach(),
+            view.mask,
+            padding,
+            w.dcl_logit_scale,
+            w.label_smoothing,
+            view.num_masked,
+            num_keys,
+        )
+
+    def _features(self, **inputs) -> Features:
+        """An unmasked pass over a batch the data layer built (no host-side value checks)."""
+        return self.model.forward_features(**inputs, check_values=False)
 
     def _contrastive(self, other: torch.Tensor, text: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
         scale = self.model.logit_scale_exp()
@@ -79,11 +94,11 @@ class PretrainObjective(nn.Module):
         if batch.image is None:
             raise ValueError("stage 1 needs images in the batch")
         v, w = batch.views, self.weights
-        text = self.model.forward_features(text=batch.text).text
-        image = self.model.forward_features(image=batch.image).image
+        text = self._features(text=batch.text).text
+        image = self._features(image=batch.image).image
         itc = self._contrastive(self.model.project(IMG, image.hidden), self.model.project(T, text.hidden), "itc")
         with torch.no_grad():
-            joint = self.model.forward_features(text=batch.text, image=batch.image)
+            joint = self._features(text=batch.text, image=batch.image)
         tpad, ipad = text.padding_mask, image.padding_mask
         s_text = self._student({T: batch.text}, {T: v["text"].keep}, {T: tpad})[T]
         s_image = self._student({IMG: batch.image}, {IMG: v["image"].keep}, {IMG: ipad})[IMG]
@@ -92,10 +107,10 @@ class PretrainObjective(nn.Module):
         )
         terms = {
             "itc_loss": itc.pop("itc_loss"),
-            "dcl_text_loss": self._dcl(s_text, text.hidden, v["text"].mask, tpad),
-            "dcl_image_loss": self._dcl(s_image, image.hidden, v["image"].mask, None),
-            "dcl_vl_text_loss": self._dcl(s_vl[T], joint.text.hidden, v["vl_text"].mask, tpad),
-            "dcl_vl_image_loss": self._dcl(s_vl[IMG], joint.image.hidden, v["vl_image"].mask, None),
+            "dcl_text_loss": self._dcl(s_text, text.hidden, v["text"], tpad, batch.num_text_tokens),
+            "dcl_image_loss": self._dcl(s_image, image.hidden, v["image"], None, None),
+            "dcl_vl_text_loss": self._dcl(s_vl[T], joint.text.hidden, v["vl_text"], tpad, batch.num_text_tokens),
+            "dcl_vl_image_loss": self._dcl(s_vl[IMG], joint.image.hidden, v["vl_image"], None, None),
         }
         weighted = {
             "dcl_text_loss": w.dcl_text,
@@ -110,10 +125,10 @@ class PretrainObjective(nn.Module):
             raise ValueError("stage 2 needs audio in the batch")
         v, w = batch.views, self.weights
         with torch.no_grad():  # the text branch is frozen in stage 2
-            text = self.model.forward_features(text=batch.text).text
+            text = self._features(text=batch.text).text
             text_emb = self.model.project(T, text.hidden)
-            joint = self.model.forward_features(text=batch.text, audio=batch.audio)
-        audio = self.model.forward_features(audio=batch.audio).audio
+            joint = self._features(text=batch.text, audio=batch.audio)
+        audio = self._features(audio=batch.audio).audio
         atc = self._contrastive(self.model.project(A, audio.hidden), text_emb, "atc")
         tpad, apad = text.padding_mask, audio.padding_mask
         s_audio = self._student({A: batch.audio}, {A: v["audio"].keep}, {A: apad})[A]
@@ -122,9 +137,9 @@ class PretrainObjective(nn.Module):
         )
         terms = {
             "atc_loss": atc.pop("atc_loss"),
-            "dcl_audio_loss": self._dcl(s_audio, joint.audio.hidden, v["audio"].mask, apad),
-            "dcl_al_text_loss": self._dcl(s_al[T], joint.text.hidden, v["al_text"].mask, tpad),
-            "dcl_al_audio_loss": self._dcl(s_al[A], joint.audio.hidden, v["al_audio"].mask, apad),
+            "dcl_audio_loss": self._dcl(s_audio, joint.audio.hidden, v["audio"], apad, batch.num_audio_frames),
+            "dcl_al_text_loss": self._dcl(s_al[T], joint.text.hidden, v["al_text"], tpad, batch.num_text_tokens),
+            "dcl_al_audio_loss": self._dcl(s_al[A], joint.audio.hidden, v["al_audio"], apad, batch.num_audio_frames),
         }
         weighted = {
             "dcl_audio_loss": w.dcl_audio,

@@ -33,10 +33,17 @@ def kept_padding_mask(keep: torch.Tensor) -> torch.Tensor:
 
 
 def check_keep(keep: torch.Tensor, length: int, name: str) -> None:
-    """Raise ``ValueError`` if ``keep`` is not ``[B, S_keep]`` int indices in ``-1..length-1`` with cls (0) first."""
+    """Check that ``keep`` is ``[B, S_keep]`` int indices in ``-1..length-1`` with cls (0) first.
+
+    A wrong dtype or shape raises ``ValueError``. The values are checked by device-side asserts, which read nothing
+    back to the host (on CPU they raise ``RuntimeError`` at once; on CUDA the failure surfaces at the next sync).
+    The pretraining loader builds ``keep`` from the masks (:func:`onepeace.data.masking.collate_view`), so its
+    values are right by construction.
+    """
     if keep.dtype not in (torch.int32, torch.int64) or keep.ndim != 2:
         raise ValueError(f"{name}: kept positions must be an integer [B, S_keep] tensor, got {tuple(keep.shape)}")
-    if keep.numel() and (int(keep.max()) >= length or int(keep.min()) < -1):
-        raise ValueError(f"{name}: kept positions must lie in -1..{length - 1}")
-    if keep.numel() and bool((keep[:, 0] != 0).any()):
-        raise ValueError(f"{name}: the cls position 0 must be kept first in every row")
+    if keep.numel():
+        torch._assert_async(
+            ((keep >= -1) & (keep < length)).all(), f"{name}: kept positions must lie in -1..{length - 1}"
+        )
+        torch._assert_async((keep[:, 0] == 0).all(), f"{name}: the cls position 0 must be kept first in every row")

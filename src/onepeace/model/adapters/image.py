@@ -75,6 +75,6 @@ class ImageAdapter(nn.Module):
         x = x + self.positions().unsqueeze(0).to(x.dtype)
         if keep is None:
             padding = torch.zeros(batch, length, dtype=torch.bool, device=x.device)
-            return AdapterOutput(x, padding, self.rel_pos(length))
+            return AdapterOutput(x, padding, self.rel_pos(length), padded=False)
         check_keep(keep, length, "image")
         return AdapterOutput(gather_kept(x, keep), kept_padding_mask(keep), self.rel_pos(length, fill_padding(keep)))
