@@ -18,14 +18,16 @@ def trunc_normal_(tensor: torch.Tensor, std: float = TRUNC_STD) -> torch.Tensor:
     return tensor
 
 
-def init_weights(model: nn.Module) -> None:
+def init_weights(model: nn.Module, on_meta: bool = False) -> None:
     """Initialise a freshly built model in place.
 
     Linear weights truncated normal, biases 0; affine LayerNorms 1/0; Conv2d biases 0; audio extractor convs
     Kaiming normal; token and position tables truncated normal (pad row 0); cls, position and mask vectors
     truncated normal; relative-position tables 0; LayerScale and ``logit_scale`` keep their config values.
+    A model on the meta device is left alone unless ``on_meta`` (its operations are then recorded, to be replayed
+    later on real storage).
     """
-    if any(p.is_meta for p in model.parameters()):
+    if not on_meta and any(p.is_meta for p in model.parameters()):
         return
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):

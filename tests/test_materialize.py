@@ -1,0 +1,115 @@
+"""Meta-device construction and per-rank materialisation give the eager construction's values exactly.
+
+One process: :func:`onepeace.train.materialize.record_init` + :func:`materialize` against the eager build (the
+pretraining objective of both stages and a fine-tuning task model). Two gloo ranks
+(``dist_materialize_worker.py``): FSDP2-sharded and DDP-materialised objectives, from the seed and from starting
+weights read shard by shard, equal the single-process eager build; FSDP ranks hold about half the elements.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from dist_materialize_worker import ROOT, cases
+from safetensors.torch import save_file
+from torchrun import launch
+
+from onepeace.errors import CheckpointError
+from onepeace.train.build import build_objective, construct_objective, load_start_shards, read_start_weights
+from onepeace.train.checkpoint import export_inference_weights
+from onepeace.train.config import load_recipe
+from onepeace.train.materialize import materialize, record_init
+
+WORKER = Path(__file__).with_name("dist_materialize_worker.py")
+TINY1, TINY2 = str(ROOT / "configs/tiny_stage1.yaml"), str(ROOT / "configs/tiny_stage2.yaml")
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(want)
+    different = [k for k in want if got[k].dtype != want[k].dtype or not torch.equal(got[k].cpu(), want[k])]
+    assert not different, different[:8]
+
+
+@pytest.mark.parametrize("recipe", [TINY1, TINY2])
+def test_replayed_meta_construction_equals_eager(recipe: str) -> None:
+    cfg = load_recipe(recipe, ["model.init_from=null", "seed=5"])
+    record = record_init(lambda: construct_objective(cfg))
+    assert all(p.is_meta for p in record.module.parameters())
+    module = materialize(record, "cpu")
+    _assert_same(module.state_dict(), build_objective(cfg).state_dict())
+    index = next(k for k, _ in module.named_buffers() if k.endswith("rel_pos.index"))  # a computed buffer
+    assert torch.equal(module.get_buffer(index), build_objective(cfg).get_buffer(index))
+
+
+def test_a_different_seed_gives_different_values() -> None:
+    cfg = load_recipe(TINY1, ["seed=5"])
+    other = materialize(record_init(lambda: construct_objective(load_recipe(TINY1, ["seed=6"]))), "cpu")
+    weight = "model.encoder.layers.0.attn.q_proj.weight"
+    assert not torch.equal(other.state_dict()[weight], build_objective(cfg).state_dict()[weight])
+
+
+@pytest.fixture(scope="module")
+def starts(tmp_path_factory) -> tuple[Path, Path]:
+    """A stage-1 training step directory (seed 11) and a backbone model directory of the same weights."""
+    root = tmp_path_factory.mktemp("starts")
+    objective = build_objective(load_recipe(TINY1, ["seed=11"]))
+    state = {k: v.contiguous() for k, v in objective.state_dict().items()}
+    step = root / "step"
+    step.mkdir()
+    save_file(state, str(step / "model.safetensors"))
+    torch.save({}, step / "trainer.pt")
+    backbone = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    export_inference_weights(backbone, objective.model.cfg, root / "native")
+    return step, root / "native"
+
+
+def test_sharded_start_checks_keys_as_the_full_load(starts: tuple[Path, Path]) -> None:
+    step, native = starts
+    cfg = load_recipe(TINY1, [f"model.init_from={native}"])
+    with pytest.raises(CheckpointError) as eager:
+        build_objective(cfg)
+    module = materialize(record_init(lambda: construct_objective(cfg)), "cpu")
+    with pytest.raises(CheckpointError) as sharded:
+        load_start_shards(module, read_start_weights(native, lazy=True), 1)
+    assert str(sharded.value) == str(eager.value) and "decoder.embed_in.text.weight" in str(eager.value)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, starts: tuple[Path, Path]) -> tuple[Path, dict[str, tuple[str, list[str]]]]:
+    out = tmp_path_factory.mktemp("materialize")
+    step, native = starts
+    launch([str(WORKER), str(out), str(step), str(native)], 2, 240)
+    return out, cases(str(step), str(native))
+
+
+def _eager(recipe: str, overrides: list[str]) -> torch.nn.Module:
+    return build_objective(load_recipe(recipe, [o for o in overrides if not o.startswith("strategy=")]))
+
+
+@pytest.mark.parametrize("case", ["fsdp_scratch", "ddp_scratch", "fsdp_start", "fsdp_stage2", "ddp_stage2"])
+def test_two_ranks_equal_the_eager_build(two_ranks, case: str) -> None:
+    out, specs = two_ranks
+    recipe, overrides = specs[case]
+    eager = _eager(recipe, overrides)
+    ranks = [torch.load(out / f"{case}.rank{r}.pt", weights_only=True) for r in (0, 1)]
+    _assert_same(ranks[0]["state"], eager.state_dict())
+    total = sum(p.numel() for p in eager.parameters())
+    if case.startswith("ddp"):
+        _assert_same(ranks[1]["state"], eager.state_dict())
+        assert [r["held"] for r in ranks] == [total, total]
+    else:
+        assert ranks[1]["state"] == {}
+        replicated = sum(p.numel() for p in eager.parameters() if p.ndim == 0)  # logit_scale: not sharded
+        assert sum(r["held"] for r in ranks) == total + replicated and max(r["held"] for r in ranks) < 0.6 * total
+    assert ranks[0]["requires_grad"] == {n: p.requires_grad for n, p in eager.named_parameters()}
+
+
+def test_two_ranks_reject_a_start_without_decoder_as_one_process(two_ranks) -> None:
+    out, specs = two_ranks
+    recipe, overrides = specs["fsdp_no_decoder"]
+    with pytest.raises(CheckpointError) as eager:
+        _eager(recipe, overrides)
+    for r in (0, 1):
+        assert torch.load(out / f"fsdp_no_decoder.rank{r}.pt", weights_only=True)["error"] == str(eager.value)
