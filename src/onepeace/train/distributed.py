@@ -233,6 +233,7 @@ def wrap_model(
     reshard_after_forward: bool = True,
     forward_methods: Sequence[str] = (),
     layer_pattern: str = FUSION_LAYER_PATTERN,
+    device: torch.device | None = None,
 ) -> nn.Module:
     """Wrap ``module`` (already on this rank's device) for data-parallel training.
 
@@ -250,6 +251,8 @@ def wrap_model(
             (e.g. ``"encode_text"``); FSDP hooks only ``forward`` unless told.
         layer_pattern: FSDP only; regex over ``named_modules`` names selecting submodules sharded as their own
             unit before the root (default: ``encoder.layers.<i>`` and ``decoder.layers.<i>``).
+        device: the device the module computes on; by default that of its first parameter (give it for a module
+            still on the meta device, sharded before it is materialised).
 
     FSDP notes: 0-d parameters (``logit_scale``) cannot be sharded by ``fully_shard``; they stay replicated plain
     tensors, excluded from FSDP, and a gradient hook averages their gradient over ranks. They are also not cast by
@@ -263,7 +266,7 @@ def wrap_model(
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if strategy == "none" or not dist.is_initialized():
         return module
-    device = next(module.parameters()).device
+    device = device if device is not None else next(module.parameters()).device  # given for a meta module
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
