@@ -1,4 +1,5 @@
-"""``onepeace data build-demo``: the command-line side of :mod:`onepeace.corpus`."""
+"""``onepeace data build-demo`` and ``onepeace data index-shards``: the command-line side of :mod:`onepeace.corpus`
+and of the shard manifest (:mod:`onepeace.data.shard_manifest`)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,18 @@ def build_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def index_shards(args: argparse.Namespace) -> int:
+    """Write the sample-count manifest of a shard directory and print its totals."""
+    from onepeace.data.shard_manifest import MANIFEST, index_shards
+
+    entries = index_shards(args.directory)
+    samples = sum(e["samples"] for e in entries.values())
+    print(f"{len(entries)} shards, {samples} samples: {Path(args.directory) / MANIFEST}")
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
-    """Add ``data`` with its ``build-demo`` subcommand."""
+    """Add ``data`` with its ``build-demo`` and ``index-shards`` subcommands."""
     data = sub.add_parser("data", parents=parents, help="build datasets", description="Build datasets.")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     p = data_sub.add_parser(
@@ -60,3 +71,13 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "--sources", type=_sources, default=SOURCE_NAMES, help=f"comma-separated subset of {','.join(SOURCE_NAMES)}"
     )
     p.set_defaults(handler=build_demo)
+    q = data_sub.add_parser(
+        "index-shards",
+        parents=parents,
+        help="write the sample counts of a directory of tar shards (read once instead of by every rank)",
+        description="Count the samples of every tar shard (*.tar, *.tar.gz, *.tgz) of DIR from its headers and "
+        "write DIR/onepeace-shards.json (name, size, modification time, samples per shard). Pretraining loaders "
+        "read the counts from it instead of opening every shard; entries of unchanged shards are reused.",
+    )
+    q.add_argument("directory", type=Path, metavar="DIR", help="the directory holding the shards")
+    q.set_defaults(handler=index_shards)

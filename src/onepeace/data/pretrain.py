@@ -28,8 +28,9 @@ from onepeace.data.audio import collate_audio
 from onepeace.data.batch import VIEWS_STAGE1, VIEWS_STAGE2, PretrainBatch, pin_memory_for
 from onepeace.data.masking import collate_view
 from onepeace.data.pretrain_examples import Example, ExampleMaker
-from onepeace.data.pretrain_shards import ShardPretrainDataset, count_shard_samples, expand_shards, plan_shards
+from onepeace.data.pretrain_shards import ShardPretrainDataset, expand_shards, plan_shards
 from onepeace.data.pretrain_sources import EpochBatchSampler, TsvIndex, TsvPretrainDataset
+from onepeace.data.shard_manifest import shard_counts
 from onepeace.data.tokenizer import PAD_ID
 
 PATCH_SIZE = 16
@@ -242,7 +243,7 @@ def build_pretrain_loader(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
     shards = expand_shards(config.paths)
-    counts = [count_shard_samples(s) for s in shards]
+    counts = shard_counts(shards, rank)  # from the shards' manifest (written once), see data.shard_manifest
     plans = plan_shards(shards, counts, world_size, max(1, workers), config.batch_size, seed, epoch)
     dataset = ShardPretrainDataset(
         plans[rank],
