@@ -54,8 +54,8 @@ def _atomic(target: Path, write) -> None:
             os.unlink(tmp)
 
 
-def read_native(path: str | Path) -> tuple[OnePeaceConfig, dict[str, torch.Tensor]]:
-    """Config and memory-mapped tensors of a native checkpoint directory (no pickle involved)."""
+def read_native_config(path: str | Path) -> OnePeaceConfig:
+    """The model config of a native checkpoint directory, checked."""
     root = Path(path)
     try:
         info = json.loads((root / CONFIG).read_text())
@@ -64,9 +64,15 @@ def read_native(path: str | Path) -> tuple[OnePeaceConfig, dict[str, torch.Tenso
     if not isinstance(info, dict) or info.get("format") != FORMAT or "config" not in info:
         raise CheckpointError(f"{root / CONFIG} is not a onepeace model config (expected format {FORMAT!r})")
     try:
-        cfg = OnePeaceConfig.from_dict(info["config"])
+        return OnePeaceConfig.from_dict(info["config"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{root / CONFIG}: {exc}") from exc
+
+
+def read_native(path: str | Path) -> tuple[OnePeaceConfig, dict[str, torch.Tensor]]:
+    """Config and memory-mapped tensors of a native checkpoint directory (no pickle involved)."""
+    root = Path(path)
+    cfg = read_native_config(root)
     weights = root / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{root} has no {WEIGHTS}")

@@ -157,7 +157,6 @@ def _schedule(ops: list[_Op]) -> tuple[list[list[int]], dict[int, int], set[tupl
 
 @dataclass
 class _Replay:
-    meta_bytes: dict[int, int] = field(default_factory=dict)
     host: dict[int, torch.UntypedStorage] = field(default_factory=dict)
 
     def real(self, x: Any) -> Any:
@@ -185,6 +184,9 @@ def replay(record: InitRecord, emit: Callable[[_Target, Tensor], None]) -> None:
     """Run ``record``'s operations on the host; call ``emit(target, value)`` once per module tensor, as soon as its
     value is final (``value`` is a host tensor, valid only during the call)."""
     touched, last, dead = _schedule(record.ops)
+    never = [t.name for key, targets in record.targets.items() if key not in last for t in targets]
+    if never:
+        raise RuntimeError(f"no recorded operation gives a value to {never[:8]}: build them inside record_init")
     state = _Replay()
     with torch.no_grad():
         for i, op in enumerate(record.ops):
