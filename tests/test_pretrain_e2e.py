@@ -19,6 +19,7 @@ from torchrun import launch
 from onepeace.cli import main
 from onepeace.data.pretrain import PretrainDataConfig
 from onepeace.train.build import build_objective
+from onepeace.train.checkpoint import read_checkpoint_weights
 from onepeace.train.config import load_recipe
 
 pytestmark = pytest.mark.slow
@@ -39,8 +40,8 @@ def mean_loss(rows: dict[int, dict], name: str, steps: range) -> float:
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    latest = (run / "latest").read_text().strip()
-    return load_file(str(run / latest / "model.safetensors"))
+    """The training module's weights in the latest checkpoint (single-file, or sharded under torchrun)."""
+    return read_checkpoint_weights(run)
 
 
 @pytest.fixture(scope="module")

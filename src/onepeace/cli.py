@@ -1,4 +1,5 @@
-"""Command line: ``onepeace embed | convert | info | pretrain | finetune | data | demo | evaluate | index | serve``.
+"""Command line: ``onepeace embed | convert | info | pretrain | finetune | checkpoint | data | demo | evaluate | index |
+serve``.
 
 Parsing and ``--help`` import nothing heavy; torch and the model are imported by the command that needs them.
 Errors end the run with one line ``onepeace: error: <message>`` on stderr and exit code 2 (``--debug`` shows
@@ -12,7 +13,7 @@ import json
 import sys
 import traceback
 
-from onepeace import cli_data, cli_demo, cli_embed, cli_evaluate, cli_finetune, cli_index, cli_serve
+from onepeace import cli_checkpoint, cli_data, cli_demo, cli_embed, cli_evaluate, cli_finetune, cli_index, cli_serve
 from onepeace.errors import OnePeaceError
 
 EXIT_ERROR = 2
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_info)
     _add_pretrain(sub, [debug])
     cli_finetune.add_finetune_parser(sub, [debug])
+    cli_checkpoint.add_parser(sub, [debug])
     cli_data.add_parser(sub, [debug])
     cli_demo.add_parser(sub, [debug])
     cli_index.add_parser(sub, [debug])

@@ -19,9 +19,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     from onepeace.finetune.loop import finetune
 
     cfg = load_finetune_recipe(args.config, args.overrides, task=args.task)
-    result = finetune(cfg)
-    if result.model_dir is not None:
-        print(f"finished {cfg.task} after {result.step} updates: model {result.model_dir}")
+    result = finetune(cfg, resume=args.resume)
+    if result.model_dir is None:  # ranks other than 0 print nothing
+        return 0
+    print(f"finished {cfg.task} after {result.step} updates: model {result.model_dir}")
     if result.metrics is not None:
         print(json.dumps(result.metrics, indent=2))
         print(f"wrote {result.out_dir / 'eval' / 'metrics.json'} and metrics.md")
@@ -39,6 +40,7 @@ def add_finetune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> Non
     )
     p.add_argument("--task", required=True, choices=sorted(TASKS), metavar="NAME", help="task name")
     p.add_argument("--config", required=True, metavar="RECIPE.yaml", help="the recipe")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue from the latest checkpoint in RUN_DIR")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. optim.lr=1e-4")
     p.set_defaults(handler=run_finetune)
 

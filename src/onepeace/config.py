@@ -139,25 +139,8 @@ class OnePeaceConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OnePeaceConfig:
-        """Build from :meth:`to_dict` output; unknown keys raise ``ValueError`` naming them."""
-        data = dict(data)
-        sub = {"text": TextAdapterConfig, "image": ImageAdapterConfig, "audio": AudioAdapterConfig}
-        for name, klass in sub.items():
-            if name in data:
-                data[name] = _strict(klass, data[name], f"config.{name}")
-        if "audio" in data and isinstance(data["audio"].feature_layers, list):
-            layers = tuple(tuple(int(v) for v in t) for t in data["audio"].feature_layers)
-            data["audio"] = dataclasses.replace(data["audio"], feature_layers=layers)
-        if "modalities" in data:
-            data["modalities"] = tuple(Modality.parse(m) for m in data["modalities"])
-        return _strict(cls, data, "config")
+        """Build from :meth:`to_dict` output, strictly (:func:`onepeace.strict_config.build_section`): unknown keys
+        and values of the wrong type raise ``ValueError`` naming the dotted key."""
+        from onepeace.strict_config import build_section
 
-
-def _strict(klass: type, values: Any, where: str) -> Any:
-    if not isinstance(values, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
-    known = {f.name for f in dataclasses.fields(klass)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) in {where}: {', '.join(unknown)}")
-    return klass(**values)
+        return build_section(cls, data, "config")

@@ -150,13 +150,19 @@ def freeze_unused(task: TaskModel) -> list[str]:
     return unused
 
 
-def save_task_model(task: TaskModel, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write ``task.json`` and ``task_model.safetensors`` into ``out_dir`` (created) and return it."""
+def save_task_model(
+    task: TaskModel, out_dir: str | Path, extra: dict | None = None, state: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write ``task.json`` and ``task_model.safetensors`` into ``out_dir`` (created) and return it.
+
+    ``state``: the full state dict to write instead of ``task.state_dict()`` (gathered beforehand under FSDP).
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in task.state_dict().items()}
+    full = task.state_dict() if state is None else state
+    state = {k: v.detach().contiguous().cpu() for k, v in full.items()}
     tmp = out / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp))
     tmp.replace(out / WEIGHTS_FILE)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Literal
 
 from onepeace.finetune.tasks import TaskKind, TaskSpec, get_task
-from onepeace.train.config import OptimConfig, _yaml_load, apply_overrides, build_section, check_speed_fields
+from onepeace.strict_config import apply_overrides, build_section, read_mapping
+from onepeace.train.config import OptimConfig, check_speed_fields
 
 
 def _check(ok: bool, message: str) -> None:
@@ -118,6 +119,10 @@ class FinetuneConfig:
     """Compile every fusion block with ``torch.compile`` (one graph per block)."""
     out_dir: str = "runs/finetune"
     log_every: int = 10
+    save_every: int = 1000
+    """Write a training checkpoint (``out_dir/step_*``, for ``--resume``) every this many updates and after the last."""
+    keep_last: int = 2
+    """Training checkpoints kept (the newest)."""
     max_updates: int | None = None
     """Stop after this many updates (short runs); the LR schedule keeps its full length."""
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
@@ -129,7 +134,8 @@ class FinetuneConfig:
         if self.model.image_size is not None and self.model.image_size != self.data.image_size:
             object.__setattr__(self, "data", dataclasses.replace(self.data, image_size=self.model.image_size))
         check_speed_fields(self)
-        _check(self.log_every >= 1, "log_every must be >= 1")
+        for name in ("log_every", "save_every", "keep_last"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(self.grad_accum >= 1, "grad_accum must be >= 1")
         _check(self.max_updates is None or self.max_updates >= 1, "max_updates must be >= 1")
         _check(
@@ -153,10 +159,7 @@ def parse_finetune_recipe(
     text: str, overrides: Sequence[str] = (), task: str | None = None, source: str = "recipe"
 ) -> FinetuneConfig:
     """Build a :class:`FinetuneConfig` from YAML text; ``task`` (from ``--task``) must agree with the recipe's."""
-    raw = _yaml_load(text, source)
-    if raw is not None and not isinstance(raw, dict):
-        raise ValueError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
-    raw = apply_overrides(raw or {}, overrides)
+    raw = apply_overrides(read_mapping(text, source), overrides)
     if task is not None:
         if raw.get("task", task) != task:
             raise ValueError(f"{source} is a recipe for task {raw['task']!r}, not {task!r}")

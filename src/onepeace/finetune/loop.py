@@ -1,13 +1,13 @@
 """Fine-tuning loop and task evaluation: ``onepeace finetune`` and ``onepeace evaluate TASK`` (spec §8).
 
-One process or ``torchrun`` with DDP. Rank 0 logs ``metrics.jsonl``, shows a progress bar, writes the fine-tuned
-model to ``OUT_DIR/model`` and, when the recipe names validation data, its scores to ``OUT_DIR/eval``.
+One process or ``torchrun`` with DDP or FSDP; the updates, logging, checkpoints and resume are the training core's
+(:mod:`onepeace.train.core`), as in pretraining. Rank 0 logs ``metrics.jsonl``, shows a progress bar and writes the
+fine-tuned model to ``OUT_DIR/model``; every rank writes its shard of each checkpoint (``OUT_DIR/step_*``) and, when
+the recipe names validation data, scores its share of it (the scores go to ``OUT_DIR/eval``).
 """
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import torch
 from onepeace.finetune.config import FinetuneConfig
 from onepeace.finetune.model import TaskModel
 from onepeace.finetune.tasks import TaskKind
+from onepeace.finetune.validate import evaluate_task
 from onepeace.train.config import dump_recipe
 
 
@@ -44,141 +45,114 @@ def _audio_cfg(task: TaskModel, cfg: FinetuneConfig):
     return dataclasses.replace(task.model.cfg.audio, max_duration=cfg.data.max_duration)
 
 
-def finetune(cfg: FinetuneConfig) -> FinetuneResult:
-    """Fine-tune ``cfg.model.init_from`` on ``cfg.data.train``, save the model, evaluate on ``cfg.data.valid``."""
-    from onepeace.finetune.build import build_task_model, save_task_model
+def build_and_wrap(cfg: FinetuneConfig, dist) -> tuple[TaskModel, torch.nn.Module]:
+    """The task model on this rank's device, then wrapped: ``(task, wrapped)``.
+
+    The one place the module is made: build, per-block compile, data-parallel wrap.
+    """
+    from onepeace.finetune.build import build_task_model
+    from onepeace.train.core import maybe_compile
+    from onepeace.train.distributed import wrap_kwargs, wrap_model
+
+    task = build_task_model(cfg).to(dist.device)
+    maybe_compile(task, cfg.compile)
+    return task, wrap_model(task, cfg.strategy, **wrap_kwargs(cfg))
+
+
+def finetune(cfg: FinetuneConfig, resume: str | Path | None = None) -> FinetuneResult:
+    """Fine-tune ``cfg.model.init_from`` on ``cfg.data.train`` (or continue the run in ``resume``), save the model,
+    evaluate on ``cfg.data.valid`` (every rank scores its share)."""
     from onepeace.finetune.data import build_task_loader
-    from onepeace.train.distributed import barrier, cleanup, init_distributed, wrap_model
+    from onepeace.train import core
+    from onepeace.train.distributed import cleanup, init_distributed
     from onepeace.train.optim import build_optimizer
     from onepeace.train.schedule import LRSchedule, resolve_total
-    from onepeace.train.tracking import MetricsLogger, progress_bar
 
     if not cfg.trains:
         raise ValueError(f"task {cfg.task} is evaluated zero-shot; use: onepeace evaluate {cfg.task}")
     if not cfg.data.train:
         raise ValueError("data.train is empty: give the training TSV file(s)")
     dist = init_distributed()
-    task = build_task_model(cfg).to(dist.device)
-    wrapped = wrap_model(task, cfg.strategy, find_unused_parameters=False)
+    task, wrapped = build_and_wrap(cfg, dist)
     audio_cfg = _audio_cfg(task, cfg)
-    first = build_task_loader(cfg, "train", audio_cfg, dist.rank, dist.world_size, epoch=0)
+    first = build_task_loader(cfg, "train", audio_cfg, dist.rank, dist.world_size, epoch=0, device=dist.device)
     optim_cfg = resolve_total(cfg.optim, len(first), cfg.grad_accum)
     optimizer = build_optimizer(task, optim_cfg, layer_id_fn=_layer_ids(task), backbone_prefix="model.")
-    schedule = LRSchedule(optimizer, optim_cfg)
+    trainee = core.Trainee(task, wrapped, optimizer, LRSchedule(optimizer, optim_cfg))
+    step, position = core.resume(resume, trainee, dist)
     total = optim_cfg.total_updates if cfg.max_updates is None else min(cfg.max_updates, optim_cfg.total_updates)
+    epoch, skip = (position["epoch"], position["batch"]) if position else (0, 0)
+    batches = _batches(cfg, audio_cfg, dist, epoch, skip)
+    settings = core.CoreSettings.of(cfg, f"finetune {cfg.task}")
+    state = core.run(settings, trainee, _compute(task, cfg, dist), batches, dist, step, total)
     out_dir = Path(cfg.out_dir)
-    logger = MetricsLogger(out_dir, dist.rank, False, dist.device)
-    bar = progress_bar(total, dist.rank, desc=f"finetune {cfg.task}")
-    batches = _forever(cfg, first, audio_cfg, dist)
-    step = 0
-    try:
-        while step < total:
-            micro = [next(batches).to(dist.device) for _ in range(cfg.grad_accum)]
-            _update(cfg, wrapped, task, optimizer, schedule, micro, logger, step, dist)
-            step += 1
-            bar.update(1)
-    finally:
-        bar.close()
-        logger.close()
-    model_dir = metrics = None
-    if dist.is_main:
-        model_dir = save_task_model(task, out_dir / "model", {"recipe": dump_recipe(cfg), "updates": step})
-        if cfg.data.valid:
-            metrics = evaluate_task(task, cfg, out_dir / "eval", device=dist.device, model_name=str(model_dir))
-    barrier()
+    model_dir = _save_model(task, cfg, dist, out_dir / "model", state.step)
+    metrics = None
+    if cfg.data.valid:  # every rank scores its share
+        metrics = evaluate_task(task, cfg, out_dir / "eval", device=dist.device, model_name=str(out_dir / "model"))
     cleanup()
-    return FinetuneResult(out_dir, step, model_dir, metrics)
+    return FinetuneResult(out_dir, state.step, model_dir, metrics)
 
 
-def _forever(cfg: FinetuneConfig, first, audio_cfg, dist):
-    """This rank's training batches, epoch after epoch (each epoch reshuffled)."""
+def _save_model(task: TaskModel, cfg: FinetuneConfig, dist, out: Path, step: int) -> Path | None:
+    """Rank 0 writes the task model directory (under FSDP after gathering the full weights, a collective)."""
+    from onepeace.finetune.build import save_task_model
+    from onepeace.train.distributed import barrier
+
+    state = None
+    if cfg.strategy == "fsdp" and dist.world_size > 1:
+        from onepeace.train.distributed import full_model_state
+
+        state = full_model_state(task)
+    path = None
+    if dist.is_main:
+        path = save_task_model(task, out, {"recipe": dump_recipe(cfg), "updates": step}, state=state)
+    barrier()
+    return path
+
+
+def _batches(cfg: FinetuneConfig, audio_cfg, dist, epoch: int, skip: int):
+    """This rank's training batches from ``(epoch, skip)`` on, epoch after epoch (each reshuffled), each with the
+    data position after it: ``{"epoch", "batch"}`` (batches of that epoch consumed)."""
     from onepeace.finetune.data import build_task_loader
 
-    loader, epoch = first, 0
     while True:
-        yield from loader
-        epoch += 1
-        loader = build_task_loader(cfg, "train", audio_cfg, dist.rank, dist.world_size, epoch=epoch)
-
-
-def _update(cfg, wrapped, task: TaskModel, optimizer, schedule, micro: list, logger, step: int, dist) -> None:
-    """One optimizer update over the micro-batches ``micro`` (losses averaged over them)."""
-    from onepeace.finetune.objective import task_loss
-    from onepeace.train.optim import apply_update
-
-    torch.manual_seed((cfg.seed * 1_000_003 + dist.rank * 7919 + step) % (2**63 - 1))
-    wrapped.train()
-    start = time.perf_counter()
-    sums: dict[str, float] = {}
-    gather = None
-    if dist.world_size > 1 and task.spec.kind is TaskKind.RETRIEVAL:
-        from onepeace.train.distributed import all_gather_no_grad as gather
-    for batch in micro:
-        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            out = wrapped(batch)
-        scale = task.model.logit_scale_exp() if task.spec.kind is TaskKind.RETRIEVAL else None
-        losses = task_loss(task.spec, out, batch, scale, cfg.model.label_smoothing, gather, dist.rank)
-        (losses.total / len(micro)).backward()
-        for name, value in losses.scalars().items():
-            sums[name] = sums.get(name, 0.0) + value / len(micro)
-    grad_norm, lr = apply_update(task, optimizer, schedule, cfg.optim.clip_grad_norm)
-    if (step + 1) % cfg.log_every == 0 or step == 0:
-        tokens = int(batch.text.ne(1).sum()) if batch.text is not None else 0
-        skipped = sum(count for _, count in batch.skipped)
-        extra = {"grad_norm": float(grad_norm)}
-        logger.log(
-            step + 1, losses.scalars(), lr, batch.batch_size, tokens, time.perf_counter() - start, skipped, extra
+        loader = build_task_loader(
+            cfg, "train", audio_cfg, dist.rank, dist.world_size, epoch, device=dist.device, skip_batches=skip
         )
+        for i, batch in enumerate(loader, start=skip):
+            yield batch, {"epoch": epoch, "batch": i + 1}
+        epoch, skip = epoch + 1, 0
 
 
-def evaluate_task(
-    task: TaskModel,
-    cfg: FinetuneConfig,
-    out_dir: str | Path | None = None,
-    *,
-    device: torch.device | str = "cpu",
-    model_name: str = "",
-    progress: bool = True,
-) -> dict[str, float]:
-    """Score ``task`` on ``cfg.data.valid``; with ``out_dir``, write ``metrics.json`` and ``metrics.md`` there."""
-    from onepeace.finetune.data import build_task_loader
-    from onepeace.finetune.evaluate import collect, format_markdown, score
-    from onepeace.train.tracking import progress_bar
+def _compute(task: TaskModel, cfg: FinetuneConfig, dist):
+    """The core's micro-batch function: the task model's forward and the task loss."""
+    from onepeace.finetune.objective import task_loss
+    from onepeace.train.core import MicroStep
 
-    if not cfg.data.valid:
-        raise ValueError("data.valid is empty: give the evaluation TSV file(s)")
-    loader = build_task_loader(cfg, "valid", _audio_cfg(task, cfg), 0, 1, epoch=0)
-    bar = progress_bar(len(loader), 0 if progress else 1, desc=f"evaluate {cfg.task}")
-    collected = collect(task, _counted(loader, bar), device)
-    bar.close()
-    prompts = _class_prompts(task, cfg, device) if task.spec.kind is TaskKind.ZERO_SHOT else None
-    metrics = score(task.spec, collected, prompts)
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        report = {"task": cfg.task, "model": model_name, "data": list(cfg.data.valid), "metrics": metrics}
-        (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out / "metrics.md").write_text(format_markdown(cfg.task, model_name, metrics))
-    return metrics
+    retrieval = task.spec.kind is TaskKind.RETRIEVAL
+    gather = None
+    if dist.world_size > 1 and retrieval:
+        from onepeace.train.distributed import all_gather_no_grad as gather
+
+    def compute(wrapped, batch) -> MicroStep:
+        out = wrapped(batch)
+        scale = task.model.logit_scale_exp() if retrieval else None
+        losses = task_loss(task.spec, out, batch, scale, cfg.model.label_smoothing, gather, dist.rank)
+        tokens = batch.text.ne(1).sum() if batch.text is not None else 0
+        return MicroStep(losses, batch.batch_size, tokens, sum(count for _, count in batch.skipped))
+
+    return compute
 
 
-def _counted(loader, bar):
-    for batch in loader:
-        yield batch
-        bar.update(1)
+def export_task_checkpoint(step_dir: str | Path, out: str | Path) -> Path:
+    """The task model of a complete fine-tuning step directory (either layout) as a task model directory."""
+    from onepeace.finetune.build import build_task_model, save_task_model
+    from onepeace.finetune.config import parse_finetune_recipe
+    from onepeace.train.checkpoint import CONFIG, read_checkpoint_weights, read_trainer
 
-
-@torch.no_grad()
-def _class_prompts(task: TaskModel, cfg: FinetuneConfig, device) -> torch.Tensor:
-    """Zero-shot class embeddings ``[C, D]``: the prompt template filled with each class name, in label order."""
-    from onepeace.data.tokenizer import tokenizer_for
-    from onepeace.finetune.data import zero_shot_classes, zero_shot_prompts
-
-    names = zero_shot_classes(cfg)
-    tokens = tokenizer_for(cfg.data.max_text_tokens)(zero_shot_prompts(names, cfg.data.prompt))
-    was_training = task.training
-    task.eval()
-    try:
-        return task.model.encode_text(tokens.to(device)).float().cpu()
-    finally:
-        task.train(was_training)
+    recipe = Path(step_dir) / CONFIG
+    text = recipe.read_text()
+    task = build_task_model(parse_finetune_recipe(text, source=str(recipe)))
+    task.load_state_dict(read_checkpoint_weights(step_dir))
+    return save_task_model(task, out, {"recipe": text, "updates": int(read_trainer(step_dir)["step"])})

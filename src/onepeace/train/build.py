@@ -26,7 +26,7 @@ DEAD_PARAMETERS = ("model.adapters.audio.mask_embedding",)
 def read_start_weights(path: str | Path, lazy: bool = False) -> dict[str, torch.Tensor]:
     """Weights to start from, under :class:`PretrainObjective` names (``model.*`` and, if present, ``decoder.*``).
 
-    Accepts a training step directory or run directory (``model.safetensors`` of the whole objective), a native
+    Accepts a training step directory or run directory (the whole objective, single-file or sharded), a native
     inference directory, or an official ``.pt`` (with its decoder when it is a pretraining checkpoint). With
     ``lazy``, safetensors tensors are :class:`~onepeace.train.shard_load.LazyTensor` handles (nothing read yet); an
     official ``.pt`` is always read whole.
@@ -34,12 +34,14 @@ def read_start_weights(path: str | Path, lazy: bool = False) -> dict[str, torch.
     from safetensors.torch import load_file
 
     from onepeace.checkpoints.native import WEIGHTS, is_native_dir
-    from onepeace.train.checkpoint import latest_checkpoint
+    from onepeace.train.checkpoint import is_checkpoint, is_sharded, latest_checkpoint, read_checkpoint_weights
     from onepeace.train.shard_load import open_safetensors
 
     p = Path(path)
-    step_dir = latest_checkpoint(p) if p.is_dir() and not (p / "model.safetensors").is_file() else p
-    if step_dir is not None and step_dir.is_dir() and (step_dir / "trainer.pt").is_file():
+    step_dir = p if is_checkpoint(p) else latest_checkpoint(p) if p.is_dir() else None
+    if step_dir is not None:
+        if is_sharded(step_dir):  # written by several processes: the model part is read whole here
+            return read_checkpoint_weights(step_dir)
         file = step_dir / "model.safetensors"
         return open_safetensors(file) if lazy else load_file(str(file))
     if is_native_dir(p):

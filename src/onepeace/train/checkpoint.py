@@ -1,20 +1,27 @@
-"""Training checkpoints for exact resume: one directory per step, written atomically.
+"""Training checkpoints for exact resume: one directory per step, complete or ignored.
 
-Layout of a run directory::
+Layout of a run directory trained by one process::
 
     step_00001000/model.safetensors   full state dict of the training module (backbone + decoder)
     step_00001000/trainer.pt          optimizer, schedule, RNG states, data position, step, extra (plain types only)
     step_00001000/config.yaml         the resolved recipe
+    step_00001000/COMPLETE            the marker, written last
     latest                            name of the newest complete step directory
 
-A step directory is filled under a temporary name in the same parent, synced, then renamed; ``latest`` is replaced
-atomically afterwards. A crash at any point leaves the previous checkpoint and pointer intact, and temporary
-directories are ignored by :func:`latest_checkpoint` and removed by the next save. ``trainer.pt`` holds tensors and
-plain Python values only, so it loads with ``torch.load(weights_only=True)``.
+Runs of several processes write sharded step directories instead (:mod:`onepeace.train.sharded`): ``state/``
+(``torch.distributed.checkpoint``: each rank its shard of the model and optimizer), ``trainer.pt`` (schedule, data
+position, step, extra), ``config.yaml`` and ``COMPLETE``. In both layouts a step directory counts only once its
+``COMPLETE`` marker exists: the marker is written after every file of every rank is on disk.
+
+A single-process step directory is filled under a temporary name in the same parent, synced, then renamed; ``latest``
+is replaced atomically afterwards. A crash at any point leaves the previous checkpoint and pointer intact; temporary
+directories and step directories without a marker are ignored by :func:`latest_checkpoint` and removed by the next
+save. ``trainer.pt`` holds tensors and plain Python values only, so it loads with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -34,6 +41,7 @@ from onepeace.errors import CheckpointError
 WEIGHTS = "model.safetensors"
 TRAINER = "trainer.pt"
 CONFIG = "config.yaml"
+MARKER = "COMPLETE"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
@@ -113,6 +121,32 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def write_marker(step_dir: Path, step: int, layout: str, world_size: int = 1) -> None:
+    """Write ``COMPLETE`` into ``step_dir`` (call it once every other file of the checkpoint is synced)."""
+    marker = step_dir / MARKER
+    with marker.open("w") as handle:
+        handle.write(json.dumps({"step": int(step), "layout": layout, "world_size": int(world_size)}) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync(step_dir)
+
+
+def write_trainer_files(step_dir: Path, trainer: dict[str, Any], config_yaml: str) -> None:
+    """Write and sync ``trainer.pt`` (plain values and tensors only) and ``config.yaml`` into ``step_dir``."""
+    _check_plain(trainer, "trainer")
+    torch.save(trainer, step_dir / TRAINER)
+    (step_dir / CONFIG).write_text(config_yaml)
+    for path in (step_dir / TRAINER, step_dir / CONFIG):
+        _fsync(path)
+
+
+def publish_pointer(run_dir: Path, step_dir: Path, keep_last: int | None) -> None:
+    """After a complete save: sync the run directory, point ``latest`` at ``step_dir``, prune old checkpoints."""
+    _fsync(run_dir)
+    _write_pointer(run_dir, step_dir.name)
+    prune_checkpoints(run_dir, keep_last)
+
+
 def _publish(tmp: Path, final: Path) -> None:
     """Move the filled temporary directory to its final name (an old directory of that name is replaced)."""
     if final.exists():
@@ -174,17 +208,14 @@ def save_training_state(
     try:
         weights = _weights(module.state_dict() if model_state is None else model_state)
         save_file(weights, str(tmp / WEIGHTS), metadata={"step": str(step)})
-        torch.save(trainer, tmp / TRAINER)
-        (tmp / CONFIG).write_text(config_yaml)
-        for path in (tmp / WEIGHTS, tmp / TRAINER, tmp / CONFIG, tmp):
-            _fsync(path)
+        _fsync(tmp / WEIGHTS)
+        write_trainer_files(tmp, trainer, config_yaml)
+        write_marker(tmp, step, "single")
         _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(run)
-    _write_pointer(run, final.name)
-    prune_checkpoints(run, keep_last)
+    publish_pointer(run, final, keep_last)
     return final
 
 
@@ -203,8 +234,13 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int | None) -> list[Path]:
         else:
             path.unlink(missing_ok=True)
     latest = latest_checkpoint(run)
+    for _, path in _step_dirs(run):
+        if not is_checkpoint(path) and path != latest:  # a save that never finished
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    complete = [p for _, p in _step_dirs(run) if is_checkpoint(p)]
     if keep_last is not None and keep_last >= 1:
-        for _, path in _step_dirs(run)[:-keep_last]:
+        for path in complete[:-keep_last]:
             if path != latest:
                 shutil.rmtree(path)
                 removed.append(path)
@@ -212,21 +248,58 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int | None) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _complete(path: Path) -> bool:
-    return path.is_dir() and (path / WEIGHTS).is_file() and (path / TRAINER).is_file()
+def is_checkpoint(path: str | Path) -> bool:
+    """True for a complete step directory (of either layout): one whose ``COMPLETE`` marker exists."""
+    path = Path(path)
+    return path.is_dir() and (path / MARKER).is_file() and (path / TRAINER).is_file()
+
+
+def is_sharded(step_dir: str | Path) -> bool:
+    """True when ``step_dir`` holds a sharded (``torch.distributed.checkpoint``) state, not ``model.safetensors``."""
+    from onepeace.train.sharded import STATE_DIR
+
+    return (Path(step_dir) / STATE_DIR).is_dir()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The complete step directory ``path`` names: itself, or the latest of a run directory; else CheckpointError."""
+    root = Path(path)
+    step_dir = root if is_checkpoint(root) else latest_checkpoint(root)
+    if step_dir is None:
+        raise CheckpointError(f"{root}: no complete training checkpoint found")
+    return step_dir
+
+
+def read_checkpoint_weights(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Full CPU tensors of the training module saved in a step (or run) directory, either layout.
+
+    Only keys starting with ``prefix`` are read (all by default); no optimizer state is loaded.
+    """
+    step_dir = resolve_checkpoint(path)
+    if is_sharded(step_dir):
+        from onepeace.train.sharded import read_sharded_model
+
+        return read_sharded_model(step_dir, prefix)
+    weights = load_file(str(step_dir / WEIGHTS))
+    return {k: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def read_trainer(step_dir: str | Path) -> dict[str, Any]:
+    """The ``trainer.pt`` of a step directory (loaded with ``weights_only=True``)."""
+    return torch.load(Path(step_dir) / TRAINER, map_location="cpu", weights_only=True)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The step directory ``latest`` names, else the highest complete ``step_*`` directory, else None."""
+    """The complete step directory ``latest`` names, else the highest complete ``step_*`` directory, else None."""
     run = Path(run_dir)
     if not run.is_dir():
         return None
     pointer = run / LATEST
     if pointer.is_file():
         target = run / pointer.read_text().strip()
-        if _STEP_DIR.match(target.name) and _complete(target):
+        if _STEP_DIR.match(target.name) and is_checkpoint(target):
             return target
-    complete = [p for _, p in _step_dirs(run) if _complete(p)]
+    complete = [p for _, p in _step_dirs(run) if is_checkpoint(p)]
     return complete[-1] if complete else None
 
 
@@ -242,12 +315,11 @@ def load_training_state(
 
     Returns ``{"step", "data_position", "extra", "config_yaml", "path"}``.
     """
-    root = Path(path)
-    step_dir = root if _complete(root) else latest_checkpoint(root)
-    if step_dir is None:
-        raise CheckpointError(f"{root}: no complete training checkpoint found")
+    step_dir = resolve_checkpoint(path)
+    if is_sharded(step_dir):
+        raise CheckpointError(f"{step_dir} is sharded: load it with onepeace.train.sharded.load_sharded")
     module.load_state_dict(load_file(str(step_dir / WEIGHTS)), strict=strict)
-    trainer = torch.load(step_dir / TRAINER, map_location="cpu", weights_only=True)
+    trainer = read_trainer(step_dir)
     if optimizer is not None:
         optimizer.load_state_dict(trainer["optimizer"])
     if schedule is not None and trainer["schedule"] is not None:

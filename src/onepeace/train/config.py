@@ -11,11 +11,8 @@ Every recipe file opens with a comment header giving the command, the expected r
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +22,7 @@ from onepeace.config import OnePeaceConfig
 from onepeace.errors import require
 from onepeace.modality import Modality
 from onepeace.model.decoder import DecoderConfig
+from onepeace.strict_config import _yaml_load, apply_overrides, build_section, read_mapping  # noqa: F401 (shared)
 from onepeace.variants import get_variant
 
 REQUIRED_HEADER = ("command", "runtime", "expected")
@@ -191,125 +189,12 @@ class TrainConfig:
         _check(data_ok, f"data must be a mapping, got {type(self.data).__name__}")
 
 
-# ---------------------------------------------------------------------------------------------- strict building
-def build_section(cls: type, values: Any, where: str = "") -> Any:
-    """Instantiate dataclass ``cls`` from a mapping; unknown keys and wrong types raise ``ValueError``.
-
-    ``where`` is the dotted name of the section (``""`` for the top level) used in messages.
-    """
-    if values is None:
-        values = {}
-    if not isinstance(values, Mapping):
-        raise ValueError(f"{where or 'recipe'} must be a mapping, got {type(values).__name__}")
-    allowed = {f.name for f in dataclasses.fields(cls) if f.init}
-    for key in values:
-        if key not in allowed:
-            raise ValueError(f"unknown key {_dotted(where, str(key))!r}; allowed keys: {', '.join(sorted(allowed))}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {key: _coerce(hints[key], value, _dotted(where, key)) for key, value in values.items()}
-    try:
-        return cls(**kwargs)
-    except ValueError as exc:
-        raise ValueError(f"{where or 'recipe'}: {exc}") from exc
-
-
-def _dotted(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    """Check ``value`` against annotation ``tp``; lists become tuples and ints become floats where declared."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        return build_section(tp, value, key)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
-    if origin is Literal:
-        if any(value == a and type(value) is type(a) for a in args):
-            return value
-        raise ValueError(f"{key} must be one of {', '.join(repr(a) for a in args)}; got {value!r}")
-    if origin is tuple:
-        return _coerce_tuple(args, value, key)
-    if tp in (bool, int, float, str):
-        return _coerce_scalar(tp, value, key)
-    raise TypeError(f"{key}: unsupported annotation {tp!r}")
-
-
-def _coerce_scalar(tp: type, value: Any, key: str) -> Any:
-    is_bool = isinstance(value, bool)
-    if tp is bool and is_bool:
-        return value
-    if tp is int and isinstance(value, int) and not is_bool:
-        return value
-    if tp is float and isinstance(value, int | float) and not is_bool:
-        return float(value)
-    if tp is str and isinstance(value, str):
-        return value
-    name = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}[tp]
-    raise ValueError(f"{key} must be {name}, got {value!r} ({type(value).__name__})")
-
-
-def _coerce_tuple(args: tuple, value: Any, key: str) -> tuple:
-    if not isinstance(value, Sequence) or isinstance(value, str):
-        raise ValueError(f"{key} must be a list, got {value!r}")
-    if len(args) == 2 and args[1] is Ellipsis:
-        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
-    if len(value) != len(args):
-        raise ValueError(f"{key} must have {len(args)} items, got {len(value)}")
-    return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-
-
-# ---------------------------------------------------------------------------------------------- YAML in and out
-_EXP_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
-"""Exponent floats YAML 1.1 reads as strings (``1e-4``, ``1.0e5``)."""
-
-
-def _yaml_load(text: str, source: str) -> Any:
-    """Safe YAML load that also reads ``1e-4`` (no dot) as a float, as people write learning rates."""
-    yaml = require("yaml", "train")
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+0123456789"))
-    try:
-        return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{source}: not valid YAML ({exc})") from exc
-
-
-def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Copy of ``raw`` with each ``key.sub=value`` applied; values are parsed as YAML scalars (or flow lists)."""
-    out = copy.deepcopy(dict(raw))
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or not all(parts):
-            raise ValueError(f"override {item!r} must look like key.sub=value")
-        node = out
-        for depth, part in enumerate(parts[:-1]):
-            if node.get(part) is None:
-                node[part] = {}
-            if not isinstance(node[part], dict):
-                raise ValueError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
-            node = node[part]
-        node[parts[-1]] = _yaml_load(text, f"override {item!r}")
-    return out
-
-
+# ---------------------------------------------------------------------------------------------- loading
 def parse_recipe(
     text: str, overrides: Sequence[str] = (), data_config_type: type | None = None, source: str = "recipe"
 ) -> TrainConfig:
     """Build a :class:`TrainConfig` from YAML text (see :func:`load_recipe`)."""
-    raw = _yaml_load(text, source)
-    if raw is not None and not isinstance(raw, dict):
-        raise ValueError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
-    raw = apply_overrides(raw or {}, overrides)
+    raw = apply_overrides(read_mapping(text, source), overrides)
     cfg = build_section(TrainConfig, raw)
     if data_config_type is not None:
         cfg = dataclasses.replace(cfg, data=build_section(data_config_type, cfg.data, "data"))

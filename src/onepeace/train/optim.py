@@ -191,10 +191,11 @@ def clamp_logit_scale_(module: nn.Module) -> int:
 
 def apply_update(
     module: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, clip_grad_norm: float
-) -> tuple[float, float]:
+) -> tuple[torch.Tensor, float]:
     """Finish one update after the backward passes: clip the global gradient norm (``clip_grad_norm`` 0 = no
     clipping, the norm is still measured), step, zero the gradients, advance ``schedule`` (an ``LRSchedule``) and
-    clamp ``logit_scale``. Returns ``(grad_norm, lr)``: the norm before clipping and the base LR of this update."""
+    clamp ``logit_scale``. Returns ``(grad_norm, lr)``: the norm before clipping as a scalar tensor on the device
+    (a ``DTensor`` under FSDP2; nothing is copied to the host) and the base LR of this update."""
     params = [p for p in module.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm or float("inf"))
     lr = schedule.lr
@@ -202,4 +203,4 @@ def apply_update(
     optimizer.zero_grad(set_to_none=True)
     schedule.step()
     clamp_logit_scale_(module)
-    return float(grad_norm), lr
+    return grad_norm, lr
