@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -146,14 +146,21 @@ def freeze_objective(cfg: TrainConfig, objective: PretrainObjective) -> None:
             param.requires_grad_(False)
 
 
-def build_for_ranks(cfg: TrainConfig, dist: DistInfo, gather=None, **wrap_options: Any) -> tuple[Any, nn.Module]:
+def build_for_ranks(
+    cfg: TrainConfig,
+    dist: DistInfo,
+    gather=None,
+    prepare: Callable[[nn.Module], None] | None = None,
+    **wrap_options: Any,
+) -> tuple[Any, nn.Module]:
     """The objective of ``cfg`` on this rank's device and its data-parallel wrapper: ``(objective, wrapped)``.
 
     One process or ``strategy: none``: :func:`build_objective` on the host, moved to the device. Under DDP or FSDP
     with a process group the objective is built on the meta device; FSDP2 shards it first, then every rank
     allocates only its shards; DDP allocates it on the device directly. The values are those of
     :func:`build_objective` bit for bit (see :mod:`onepeace.train.materialize`); ``init_from`` tensors are read
-    shard by shard. ``wrap_options`` go to :func:`~onepeace.train.distributed.wrap_model`.
+    shard by shard. ``prepare(objective)`` runs just before wrapping (after activation checkpointing), e.g. the
+    per-block compile; ``wrap_options`` go to :func:`~onepeace.train.distributed.wrap_model`.
     """
     from onepeace.train.distributed import apply_activation_checkpointing, wrap_model
     from onepeace.train.materialize import materialize, record_init
@@ -162,12 +169,16 @@ def build_for_ranks(cfg: TrainConfig, dist: DistInfo, gather=None, **wrap_option
         objective = build_objective(cfg, gather, dist.rank).to(dist.device)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(objective)
+        if prepare is not None:
+            prepare(objective)
         return objective, wrap_model(objective, cfg.strategy, **wrap_options)
     record = record_init(lambda: construct_objective(cfg, gather, dist.rank))
     objective = record.module
     freeze_objective(cfg, objective)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(objective)
+    if prepare is not None:
+        prepare(objective)
     if cfg.strategy == "fsdp":
         wrap_model(objective, "fsdp", device=dist.device, **wrap_options)
     materialize(record, dist.device)
