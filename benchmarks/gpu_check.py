@@ -181,13 +181,14 @@ def training_setup(settings: dict[str, Any], device: torch.device) -> tuple[Any,
 
 def step_fn(module: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Any, device: torch.device, clip: float):
     """One update under bf16 autocast (forward, backward, clipping, AdamW, logit-scale clamp); returns the loss."""
+    from onepeace.train.core import autocast  # the training core's bf16 autocast
     from onepeace.train.optim import clamp_logit_scale_
 
     params = [p for p in module.parameters() if p.requires_grad]
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast("bf16", device):
             losses = module(batch)
         losses.total.backward()
         torch.nn.utils.clip_grad_norm_(params, clip or float("inf"))

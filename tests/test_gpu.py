@@ -21,6 +21,7 @@ from onepeace.modality import Modality
 from onepeace.model import OnePeaceModel
 from onepeace.model.decoder import DecoderConfig, PretrainDecoder
 from onepeace.train.config import OptimConfig
+from onepeace.train.core import autocast
 from onepeace.train.objectives import PretrainObjective
 from onepeace.train.optim import build_optimizer, clamp_logit_scale_
 from onepeace.variants import get_variant
@@ -75,7 +76,7 @@ def _bf16_step(
     """
     optimizer = build_optimizer(module, OptimConfig(lr=1e-3, total_updates=10, warmup_updates=0))
     before = {n: _local(p) for n, p in _trainable(module).items()}
-    with torch.autocast(device_type, dtype=torch.bfloat16):
+    with autocast("bf16", torch.device(device_type)):  # the training core's autocast
         losses = module(batch)
     losses.total.backward()
     grads = {n: p.grad for n, p in _trainable(module).items() if p.grad is not None}
