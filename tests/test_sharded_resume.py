@@ -140,3 +140,22 @@ def test_export_of_a_sharded_checkpoint_embeds_like_the_trained_model(
     a, b = exported.embed(text=texts, image=images), trained.embed(text=texts, image=images)
     assert torch.equal(a.text, b.text) and torch.equal(a.image, b.image)
     assert not torch.equal(a.text[0], a.text[1])
+
+
+def test_stage2_starts_from_a_sharded_stage1_run(straight: dict[str, Path], tmp_path: Path) -> None:
+    """``model.init_from`` naming a run directory whose checkpoints are sharded: stage 2 reads the stage-1 weights
+    from the shards; the frozen shared parts stay those weights and the export carries the stage-1 image branch."""
+    import onepeace
+
+    stage1 = read_checkpoint_weights(straight["fsdp"])
+    args = ["pretrain", "--config", str(ROOT / "configs" / "tiny_stage2.yaml"), f"out_dir={tmp_path}"]
+    args += [f"model.init_from={straight['fsdp']}", f"data.paths=[{PAIRS / 'audio_text.tsv'}]", "optim.total_updates=2"]
+    assert main(args) == 0
+    stage2 = read_checkpoint_weights(tmp_path)
+    shared = [k for k in stage2 if k.startswith("model.encoder.layers.") and ".attn." in k]
+    assert len(shared) > 10 and all(torch.equal(stage2[k], stage1[k]) for k in shared)
+    assert any(".ffn.audio." in k for k in stage2) and not any(".ffn.audio." in k for k in stage1)
+    model = onepeace.load(str(tmp_path / "model"))
+    state = model.model.state_dict()
+    image = [k for k in state if ".image" in f".{k}"]
+    assert len(image) > 10 and all(torch.equal(state[k], stage1[f"model.{k}"]) for k in image)
