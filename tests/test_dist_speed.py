@@ -92,6 +92,7 @@ def test_init_process_group_gets_the_timeout(monkeypatch) -> None:
         D.dist_timeout(-1)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_init_process_group_binds_the_cuda_device(monkeypatch) -> None:
     calls: list[dict] = []
