@@ -196,3 +196,31 @@ def test_no_gradient_sync_on_accumulation_micro_steps(tmp_path: Path) -> None:
         for r in ranks:
             for name, grad in r[strategy]["final"].items():
                 torch.testing.assert_close(grad, r[strategy]["reference"][name], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_fsdp_finetune_stop_and_resume_is_exact(tmp_path: Path) -> None:
+    """2 FSDP2 ranks: 4 updates straight equal 2 updates, a stop and ``--resume`` from the sharded checkpoint; the
+    export of that checkpoint is the task model the run wrote."""
+    data = tmp_path / "train.tsv"
+    data.write_text("\n".join((TASKS / "imagenet.tsv").read_text().splitlines()[:13]) + "\n")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+
+    def run(out: Path, *extra: str) -> None:
+        args = _imagenet(out, data, "strategy=fsdp", "optim.total_updates=4", *extra)
+        launch(["-m", "onepeace", *args], nproc=2, timeout=300, cwd=ROOT)
+
+    run(straight)
+    run(split, "max_updates=2")
+    run(split, "--resume", str(split))
+    assert (split / "step_00000002" / "state" / ".metadata").is_file()
+    a, b = _rows(straight), _rows(split)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(a[s]["total"] == b[s]["total"] and a[s]["grad_norm"] == b[s]["grad_norm"] for s in a)
+    wa = load_file(str(straight / "model" / "task_model.safetensors"))
+    wb = load_file(str(split / "model" / "task_model.safetensors"))
+    assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert main(["checkpoint", "export", str(split), str(tmp_path / "exported")]) == 0
+    we = load_file(str(tmp_path / "exported" / "task_model.safetensors"))
+    assert set(we) == set(wa) and all(torch.equal(we[k], wa[k]) for k in wa)
