@@ -67,7 +67,11 @@ def _add_pretrain(sub: argparse._SubParsersAction, parents: list[argparse.Argume
         "torchrun --nproc_per_node N -m onepeace pretrain --config RECIPE.yaml",
     )
     p.add_argument("--config", required=True, metavar="RECIPE.yaml", help="the recipe")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue from the latest checkpoint in RUN_DIR")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue from the latest complete checkpoint in RUN_DIR (a fresh start when it has none)",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. optim.lr=1e-4")
     p.set_defaults(handler=_pretrain)
 

@@ -40,7 +40,11 @@ def add_finetune_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> Non
     )
     p.add_argument("--task", required=True, choices=sorted(TASKS), metavar="NAME", help="task name")
     p.add_argument("--config", required=True, metavar="RECIPE.yaml", help="the recipe")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue from the latest checkpoint in RUN_DIR")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue from the latest complete checkpoint in RUN_DIR (a fresh start when it has none)",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. optim.lr=1e-4")
     p.set_defaults(handler=run_finetune)
 

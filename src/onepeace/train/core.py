@@ -104,7 +104,7 @@ class Trainee:
 
 @dataclass(frozen=True)
 class RunState:
-    """Where :func:`run` stopped: the update count and the last checkpoint written (None if none)."""
+    """Where :func:`run` stopped: the update count and the last checkpoint of the run directory (None if none)."""
 
     step: int
     checkpoint: Path | None
@@ -322,4 +322,8 @@ def run(
     finally:
         bar.close()
         logger.close()
+    if checkpoint is None:  # nothing left to train (a resumed run that had finished)
+        from onepeace.train.checkpoint import latest_checkpoint
+
+        checkpoint = latest_checkpoint(settings.out_dir)
     return RunState(step, checkpoint)
