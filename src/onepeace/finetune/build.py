@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from onepeace.checkpoints.state import change_image_size, per_layer_tables
 from onepeace.config import OnePeaceConfig
@@ -136,18 +137,67 @@ def load_start(task: TaskModel, weights: dict[str, torch.Tensor], source: str) -
         )
 
 
+def segments_read(spec: TaskSpec) -> tuple[Modality, ...]:
+    """Modalities whose rows of the last fusion layer's output reach the task's output.
+
+    Retrieval and zero-shot encode each modality in its own pass, and image classification has one modality: all
+    of them. A joint pass whose head pools one segment (VQA, NLVR2, grounding, AQA, classification): that segment.
+    """
+    return spec.modalities if spec.pooled is None else (spec.pooled,)
+
+
+def final_norms_read(spec: TaskSpec) -> tuple[Modality, ...]:
+    """Modalities whose final LayerNorm the task reads (image classification reads the last layer's residual
+    stream, without the final norm)."""
+    return () if spec.kind is TaskKind.IMAGE_CLASSIFY else segments_read(spec)
+
+
+def unread_parameters(task: TaskModel) -> list[nn.Parameter]:
+    """Parameters the task's output never depends on, derived from its spec (kind, pooled segment, modalities).
+
+    * projections and ``logit_scale`` outside retrieval and zero-shot (only embeddings read them);
+    * the final norms of the segments :func:`final_norms_read` leaves out;
+    * in the last fusion layer, the feed-forward network and, with one relative-position table per layer, the last
+      table of every modality outside :func:`segments_read`: their output only feeds that modality's rows, which
+      the head never reads after the last layer (their gradient is identically zero);
+    * the adapters' mask embeddings (masked pretraining passes only).
+    """
+    spec, model = task.spec, task.model
+    modules: list[nn.Module] = []
+    if spec.has_head:
+        modules.append(model.projections)
+    normed, read = final_norms_read(spec), segments_read(spec)
+    last = model.encoder.layers[-1]
+    for modality in model.modalities:
+        if modality not in normed:
+            modules.append(model.encoder.final_norms[modality.value])
+        if modality not in read:
+            modules.append(last.ffn[modality.value])
+            tables = model.adapter(modality).rel_pos.tables
+            if len(tables) == len(model.encoder.layers):
+                modules.append(tables[-1])
+    params = [p for module in modules for p in module.parameters()]
+    if spec.has_head:
+        params.append(model.logit_scale)
+    params += [
+        a.mask_embedding
+        for a in model.adapters.values()
+        if isinstance(getattr(a, "mask_embedding", None), nn.Parameter)
+    ]
+    return params
+
+
 def freeze_unused(task: TaskModel) -> list[str]:
-    """Turn off gradients of parameters the task never reads (projections and logit scale outside retrieval, the
-    final image norm in image classification); returns their names."""
-    kind = task.spec.kind
-    unused = []
+    """Turn off gradients of the parameters the task never reads (:func:`unread_parameters`), so that every
+    trainable parameter gets a gradient in every step (as DDP and FSDP require without
+    ``find_unused_parameters``); returns their names."""
+    unread = {id(p) for p in unread_parameters(task)}
+    frozen = []
     for name, param in task.named_parameters():
-        projection = name.startswith(("model.projections.", "model.logit_scale")) and kind is not TaskKind.RETRIEVAL
-        image_norm = name.startswith("model.encoder.final_norms.image.") and kind is TaskKind.IMAGE_CLASSIFY
-        if projection or image_norm or name == "model.adapters.audio.mask_embedding":
+        if id(param) in unread:
             param.requires_grad_(False)
-            unused.append(name)
-    return unused
+            frozen.append(name)
+    return frozen
 
 
 def save_task_model(

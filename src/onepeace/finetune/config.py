@@ -108,7 +108,11 @@ class FinetuneConfig:
     """The published result this recipe targets, e.g. ``"VGGSound accuracy 59.6 (paper Table 5)"``."""
     seed: int = 1
     precision: Literal["fp32", "bf16"] = "bf16"
-    strategy: Literal["none", "ddp"] = "none"
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    """Data parallelism under ``torchrun``: DDP or FSDP2 (``none`` or one process: plain)."""
+    find_unused_parameters: bool = False
+    """DDP: look for parameters without a gradient after every backward. No shipped recipe needs it (the task
+    model freezes what its task never reads); for a changed model whose step leaves trainable parameters unused."""
     grad_accum: int = 1
     """Micro-batches per update (the official ``update_freq``): global batch = batch_size x GPUs x grad_accum."""
     fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = "auto"
