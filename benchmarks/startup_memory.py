@@ -4,10 +4,10 @@ Runs the recipe (default ``configs/pretrain_base_stage1.yaml``: onepeace-base st
 (``strategy: none``) and as 2 gloo ranks under FSDP2, each with the eager construction (every rank builds and
 initialises the whole objective on the host, then shards it) and with the meta-device construction of
 :func:`onepeace.train.build.build_for_ranks` (FSDP2 shards the meta module, every rank allocates and initialises
-only its shards). Each process records its peak resident set (``ru_maxrss``) after imports, after the objective is
-built and wrapped, and after one update (forward, backward and AdamW step) on a batch of ``--batch`` image-text
-pairs of ``tests/data/tiny_pairs``. Precision is fp32 (bf16 matmuls are very slow on CPUs without bf16 units);
-everything else is the recipe's (activation checkpointing, 256-pixel images, the decoder).
+only its shards). Each process records its peak resident set so far (``ru_maxrss``) after imports, after the
+objective is built and wrapped, and after the forward, the backward and the AdamW step of one update on a batch of
+``--batch`` image-text pairs of ``tests/data/tiny_pairs``. Precision is fp32 (bf16 matmuls are very slow on CPUs
+without bf16 units); everything else is the recipe's (activation checkpointing, 256-pixel images, the decoder).
 
 Example (about 4 minutes on 2 cores)::
 
@@ -61,7 +61,9 @@ def worker(args: argparse.Namespace) -> None:
     optimizer = build_optimizer(objective, resolve_total(cfg.optim, len(loader), cfg.grad_accum))
     wrapped.train()
     out = wrapped(next(iter(loader)).to(dist.device))
+    peaks["forward"] = _peak_mb()
     out.total.backward()
+    peaks["backward"] = _peak_mb()
     optimizer.step()
     peaks["update"] = _peak_mb()
     params = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in objective.parameters())
@@ -103,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(args.paths.split(","))
     rows = []
     print(f"{args.config}, fp32, batch {args.batch} per rank; peak resident set per process in MB")
-    head = ("run", "construction", "rank", "params held", "imports", "built", "update")
-    print("{:14s} {:12s} {:>4s} {:>12s} {:>8s} {:>8s} {:>8s}".format(*head))
+    head = ("run", "construction", "rank", "params held", "imports", "built", "forward", "backward", "update")
+    print("{:14s} {:12s} {:>4s} {:>12s} {:>8s} {:>8s} {:>8s} {:>8s} {:>8s}".format(*head))
     for label, nproc, strategy, path in RUNS:
         if path not in wanted:
             continue
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"run": label, "processes": nproc, "strategy": strategy, "construction": path, **r})
             print(
                 f"{label:14s} {path:12s} {r['rank']:4d} {r['params']:12,d} "
-                f"{p['imports']:8.0f} {p['built']:8.0f} {p['update']:8.0f}"
+                f"{p['imports']:8.0f} {p['built']:8.0f} {p['forward']:8.0f} {p['backward']:8.0f} {p['update']:8.0f}"
             )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

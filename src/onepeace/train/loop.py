@@ -60,16 +60,14 @@ def build_and_wrap(cfg: TrainConfig, dist: DistInfo) -> tuple[torch.nn.Module, t
     """The pretraining objective on this rank's device, then wrapped: ``(objective, wrapped)``.
 
     The one place the module is made: build, activation checkpointing, per-block compile, data-parallel wrap.
+    Under DDP/FSDP with several processes it is built on the meta device and each rank materialises only what it
+    holds (:func:`onepeace.train.build.build_for_ranks`), with the values of the eager build.
     """
-    from onepeace.train.build import build_objective
+    from onepeace.train.build import build_for_ranks
     from onepeace.train.core import maybe_compile
-    from onepeace.train.distributed import apply_activation_checkpointing, wrap_kwargs, wrap_model
+    from onepeace.train.distributed import wrap_kwargs
 
-    objective = build_objective(cfg, _gather(cfg), dist.rank).to(dist.device)
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(objective)
-    maybe_compile(objective, cfg.compile)
-    return objective, wrap_model(objective, cfg.strategy, **wrap_kwargs(cfg))
+    return build_for_ranks(cfg, dist, _gather(cfg), lambda m: maybe_compile(m, cfg.compile), **wrap_kwargs(cfg))
 
 
 def pretrain(cfg: TrainConfig, resume: str | Path | None = None) -> RunResult:

@@ -220,14 +220,38 @@ def _write(module: nn.Module, name: str, value: Tensor) -> None:
         local.copy_(part)
 
 
+def _plain_parameter_hooks(module: nn.Module) -> dict[str, tuple[list, list]]:
+    """Gradient hooks of the parameters FSDP2 does not manage (e.g. the replicated scalars' averaging hook):
+    ``to_empty`` replaces those parameters with new objects, so the hooks are registered on them again."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, param in module.named_parameters():
+        if isinstance(param, DTensor):
+            continue
+        grad = list((param._backward_hooks or {}).values())
+        accumulate = list((param._post_accumulate_grad_hooks or {}).values())
+        if grad or accumulate:
+            out[name] = (grad, accumulate)
+    return out
+
+
 def materialize(record: InitRecord, device: torch.device | str) -> nn.Module:
     """Give ``record.module`` (meta, possibly already sharded by FSDP2) storage on ``device`` and its values.
 
-    Only this rank's shards are allocated on ``device``; the host holds one full tensor at a time. Returns the
-    module (the same object).
+    Only this rank's shards are allocated on ``device``; the host holds one full tensor at a time. Gradient hooks
+    registered on parameters FSDP2 does not manage are carried over to their new objects. Returns the module (the
+    same object).
     """
     module = record.module
+    hooks = _plain_parameter_hooks(module)
     module.to_empty(device=torch.device(device))
+    for name, (grad_hooks, accumulate_hooks) in hooks.items():
+        param = module.get_parameter(name)
+        for hook in grad_hooks:
+            param.register_hook(hook)
+        for hook in accumulate_hooks:
+            param.register_post_accumulate_grad_hook(hook)
     for name, value in record.host_values.items():
         _write(module, name, value)
     replay(record, lambda target, value: _write(module, target.name, value))
