@@ -5,7 +5,8 @@ STEP_DIR NATIVE_DIR``. For every case of :data:`CASES` the tiny objective is bui
 :func:`onepeace.train.build.build_for_ranks` (meta construction, FSDP2 sharding or DDP, materialisation, starting
 weights read shard by shard) and its full state is written: ``OUT_DIR/<case>.rank<r>.pt`` (FSDP: gathered on rank
 0; DDP: every rank's own module), with the number of elements this rank holds and every parameter's
-``requires_grad``; a start that does not fit writes the :class:`CheckpointError` message instead. STEP_DIR is a
+``requires_grad`` (FSDP: also the gradient of ``logit_scale`` after a backward of ``(rank + 1) * logit_scale``); a
+start that does not fit writes the :class:`CheckpointError` message instead. STEP_DIR is a
 stage-1 training step directory, NATIVE_DIR a backbone model directory (no decoder: it does not fit).
 """
 
@@ -37,9 +38,39 @@ def cases(step_dir: str, native_dir: str) -> dict[str, tuple[str, list[str]]]:
     }
 
 
+#: Fine-tuning cases: name -> (task, strategy, overrides); onepeace-small start, 128-pixel images (resampled
+#: tables, copied per layer for grounding).
+TASK_CASES: dict[str, tuple[str, str, list[str]]] = {
+    "task_refcoco_fsdp": ("refcoco", "fsdp", ["model.image_size=128"]),
+    "task_vqa_ddp": ("vqa", "ddp", ["model.image_size=128", "model.num_classes=8"]),
+}
+
+
+def task_recipe(task: str, strategy: str, overrides: list[str]):
+    from onepeace.finetune.config import parse_finetune_recipe
+
+    extra = ["model.init_from=onepeace-small", f"strategy={strategy}", *overrides]
+    return parse_finetune_recipe("optim: {total_updates: 2}", extra, task)
+
+
+def _task_cases(info: D.DistInfo, out: Path) -> None:
+    from onepeace.finetune.build import build_task_for_ranks
+
+    for name, spec in TASK_CASES.items():
+        cfg = task_recipe(*spec)
+        task, wrapped = build_task_for_ranks(cfg, info)
+        if cfg.strategy == "fsdp":
+            state = D.full_model_state(task)
+        else:
+            state = {k: v.detach().clone() for k, v in wrapped.module.state_dict().items()}
+        grads = {n: p.requires_grad for n, p in task.named_parameters()}
+        torch.save({"state": state, "requires_grad": grads}, out / f"{name}.rank{info.rank}.pt")
+
+
 def main(out_dir: str, step_dir: str, native_dir: str) -> None:
     info = D.init_distributed("gloo")
     out = Path(out_dir)
+    _task_cases(info, out)
     for name, (recipe, overrides) in cases(step_dir, native_dir).items():
         cfg = load_recipe(recipe, overrides)
         try:
@@ -53,7 +84,11 @@ def main(out_dir: str, step_dir: str, native_dir: str) -> None:
         else:
             state = {k: v.detach().clone() for k, v in wrapped.module.state_dict().items()}
         grads = {n: p.requires_grad for n, p in objective.named_parameters()}
-        torch.save({"state": state, "held": held, "requires_grad": grads}, out / f"{name}.rank{info.rank}.pt")
+        record = {"state": state, "held": held, "requires_grad": grads}
+        if cfg.strategy == "fsdp":  # the replicated logit_scale keeps its gradient averaging over ranks
+            (objective.model.logit_scale * (info.rank + 1)).backward()
+            record["logit_scale_grad"] = float(objective.model.logit_scale.grad)
+        torch.save(record, out / f"{name}.rank{info.rank}.pt")
     D.cleanup()
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_materialize_worker import ROOT, cases
+from dist_materialize_worker import ROOT, TASK_CASES, cases, task_recipe
 from safetensors.torch import save_file
 from torchrun import launch
 
 from onepeace.errors import CheckpointError
+from onepeace.finetune.build import build_task_model
 from onepeace.train.build import build_objective, construct_objective, load_start_shards, read_start_weights
 from onepeace.train.checkpoint import export_inference_weights
 from onepeace.train.config import load_recipe
@@ -50,6 +51,43 @@ def test_a_different_seed_gives_different_values() -> None:
     assert not torch.equal(other.state_dict()[weight], build_objective(cfg).state_dict()[weight])
 
 
+class _Mixed(torch.nn.Module):
+    """A linear layer, a buffer made on the host inside a meta build, and a table filled from Python data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 4)
+        self.register_buffer("host", torch.arange(5, device="cpu"))
+        self.table = torch.nn.Parameter(torch.tensor([[1.5, -2.0], [0.25, 4.0]]))
+
+
+def test_host_tensors_and_python_data_survive_materialisation() -> None:
+    def build() -> torch.nn.Module:
+        torch.manual_seed(3)
+        return _Mixed()
+
+    module = materialize(record_init(build), "cpu")
+    _assert_same(module.state_dict(), build().state_dict())
+    assert module.table.tolist() == [[1.5, -2.0], [0.25, 4.0]] and module.host.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_gradient_hooks_of_plain_parameters_survive_materialisation() -> None:
+    record = record_init(lambda: _Mixed())
+    seen = []
+    record.module.table.register_hook(lambda g: seen.append(("grad", g.sum().item())))
+    record.module.table.register_post_accumulate_grad_hook(lambda p: seen.append(("accumulated", p.grad.sum().item())))
+    module = materialize(record, "cpu")
+    (module.table * 2).sum().backward()
+    assert seen == [("grad", 8.0), ("accumulated", 8.0)]
+
+
+def test_a_tensor_made_outside_the_recording_is_an_error() -> None:
+    with torch.device("meta"):
+        made_before = torch.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="no recorded operation gives a value to"):
+        materialize(record_init(lambda: made_before), "cpu")
+
+
 @pytest.fixture(scope="module")
 def starts(tmp_path_factory) -> tuple[Path, Path]:
     """A stage-1 training step directory (seed 11) and a backbone model directory of the same weights."""
@@ -60,6 +98,7 @@ def starts(tmp_path_factory) -> tuple[Path, Path]:
     step.mkdir()
     save_file(state, str(step / "model.safetensors"))
     torch.save({}, step / "trainer.pt")
+    (step / "COMPLETE").write_text('{"step": 1, "layout": "single", "world_size": 1}\n')  # a finished checkpoint
     backbone = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     export_inference_weights(backbone, objective.model.cfg, root / "native")
     return step, root / "native"
@@ -103,6 +142,7 @@ def test_two_ranks_equal_the_eager_build(two_ranks, case: str) -> None:
         assert ranks[1]["state"] == {}
         replicated = sum(p.numel() for p in eager.parameters() if p.ndim == 0)  # logit_scale: not sharded
         assert sum(r["held"] for r in ranks) == total + replicated and max(r["held"] for r in ranks) < 0.6 * total
+        assert [r["logit_scale_grad"] for r in ranks] == [1.5, 1.5]  # (1 + 2) / 2: still averaged over ranks
     assert ranks[0]["requires_grad"] == {n: p.requires_grad for n, p in eager.named_parameters()}
 
 
@@ -113,3 +153,14 @@ def test_two_ranks_reject_a_start_without_decoder_as_one_process(two_ranks) -> N
         _eager(recipe, overrides)
     for r in (0, 1):
         assert torch.load(out / f"fsdp_no_decoder.rank{r}.pt", weights_only=True)["error"] == str(eager.value)
+
+
+@pytest.mark.parametrize("case", sorted(TASK_CASES))
+def test_two_ranks_build_the_task_model_of_one_process(two_ranks, case: str) -> None:
+    out, _ = two_ranks
+    eager = build_task_model(task_recipe(*TASK_CASES[case]))
+    ranks = [torch.load(out / f"{case}.rank{r}.pt", weights_only=True) for r in (0, 1)]
+    _assert_same(ranks[0]["state"], eager.state_dict())
+    if TASK_CASES[case][1] == "ddp":
+        _assert_same(ranks[1]["state"], eager.state_dict())
+    assert ranks[0]["requires_grad"] == {n: p.requires_grad for n, p in eager.named_parameters()}

@@ -7,7 +7,9 @@ A fine-tuned model is a directory with ``task_model.safetensors`` (every tensor 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +22,8 @@ from onepeace.finetune.model import TaskModel
 from onepeace.finetune.tasks import TaskKind, TaskSpec, get_task
 from onepeace.modality import Modality
 from onepeace.model import OnePeaceModel
+from onepeace.model.init import init_weights
+from onepeace.train.distributed import DistInfo
 from onepeace.variants import VARIANTS
 
 TASK_FILE, WEIGHTS_FILE = "task.json", "task_model.safetensors"
@@ -33,11 +37,14 @@ def is_task_dir(path: str | Path) -> bool:
     return (Path(path) / TASK_FILE).is_file()
 
 
-def read_start(source: str) -> tuple[OnePeaceConfig, dict[str, torch.Tensor]]:
+def read_start(source: str, lazy: bool = False) -> tuple[OnePeaceConfig, dict[str, torch.Tensor]]:
     """Backbone config and tensors under :class:`TaskModel` names (``model.*``, and ``head.*`` /
     ``type_embeddings.*`` when the source is a fine-tuned model) of a variant, model directory, official ``.pt``
-    (pretrained or fine-tuned) or task-model directory. A variant without shipped weights gives no tensors."""
+    (pretrained or fine-tuned) or task-model directory. A variant without shipped weights gives no tensors.
+    With ``lazy``, safetensors tensors are :class:`~onepeace.train.shard_load.LazyTensor` handles read later,
+    rank by rank (relative-position tables, which are resampled or copied per layer, are read at once)."""
     from onepeace.pretrained import shipped_weights
+    from onepeace.train.shard_load import open_safetensors
 
     if source in VARIANTS:
         shipped = shipped_weights(source)
@@ -45,11 +52,14 @@ def read_start(source: str) -> tuple[OnePeaceConfig, dict[str, torch.Tensor]]:
             return VARIANTS[source], {}
         source = str(shipped)
     path = Path(source)
+    tables = lambda key: ".rel_pos." in key  # noqa: E731
     if is_task_dir(path):
         from safetensors.torch import load_file
 
         meta = read_task_meta(path)
-        return OnePeaceConfig.from_dict(meta["backbone"]), load_file(str(path / WEIGHTS_FILE))
+        file = path / WEIGHTS_FILE
+        weights = open_safetensors(file, eager=tables) if lazy else load_file(str(file))
+        return OnePeaceConfig.from_dict(meta["backbone"]), weights
     if path.is_file() and path.suffix != ".safetensors":
         from onepeace.checkpoints.official import config_from_official, official_task_state
         from onepeace.checkpoints.official_keys import sort_keys
@@ -58,6 +68,11 @@ def read_start(source: str) -> tuple[OnePeaceConfig, dict[str, torch.Tensor]]:
         state, saved_cfg = read_official_checkpoint(path)
         cfg = config_from_official(saved_cfg, state, sort_keys(list(state)))
         return cfg, {k: v.float() for k, v in official_task_state(state).items()}
+    from onepeace.checkpoints.native import WEIGHTS, is_native_dir, read_native_config
+
+    if lazy and is_native_dir(path):
+        tensors = open_safetensors(path / WEIGHTS, rename=lambda k: f"model.{k}", eager=tables)
+        return read_native_config(path), {k: v.float() for k, v in tensors.items()}
     from onepeace.loading import read_weights
 
     cfg, tensors, _ = read_weights(path)
@@ -100,18 +115,61 @@ def backbone_config(source: OnePeaceConfig, spec: TaskSpec, cfg: FinetuneConfig)
 
 def build_task_model(cfg: FinetuneConfig) -> TaskModel:
     """The task model of a recipe: backbone from ``model.init_from``, fresh head, unused parts frozen."""
-    if not cfg.model.init_from:
-        raise ValueError("model.init_from is required: a model directory, an official .pt or a variant name")
-    spec = cfg.spec
-    source_cfg, weights = read_start(cfg.model.init_from)
-    bcfg = backbone_config(source_cfg, spec, cfg)
-    torch.manual_seed(cfg.seed)
-    classes = cfg.model.num_classes or _head_classes(weights) or spec.num_classes
-    task = TaskModel(OnePeaceModel(bcfg), spec, classes, cfg.model.head_init_scale)
+    source_cfg, weights, bcfg, classes = _start(cfg, lazy=False)
+    task = construct_task(cfg, bcfg, classes)
     if weights:
         load_start(task, fit_weights(weights, bcfg, source_cfg), cfg.model.init_from)
     freeze_unused(task)
     return task
+
+
+def _start(cfg: FinetuneConfig, lazy: bool) -> tuple[OnePeaceConfig, dict, OnePeaceConfig, int]:
+    """Source config, starting tensors, task backbone config and head outputs of a recipe."""
+    if not cfg.model.init_from:
+        raise ValueError("model.init_from is required: a model directory, an official .pt or a variant name")
+    source_cfg, weights = read_start(cfg.model.init_from, lazy=lazy)
+    bcfg = backbone_config(source_cfg, cfg.spec, cfg)
+    classes = cfg.model.num_classes or _head_classes(weights) or cfg.spec.num_classes
+    return source_cfg, weights, bcfg, classes
+
+
+def construct_task(cfg: FinetuneConfig, bcfg: OnePeaceConfig, classes: int) -> TaskModel:
+    """The freshly initialised task model, from the seed (also under the meta device, the same operations)."""
+    torch.manual_seed(cfg.seed)
+    backbone = OnePeaceModel(bcfg, init=False)
+    init_weights(backbone, on_meta=True)
+    return TaskModel(backbone, cfg.spec, classes, cfg.model.head_init_scale)
+
+
+def build_task_for_ranks(
+    cfg: FinetuneConfig, dist: DistInfo, prepare: Callable[[nn.Module], None] | None = None, **wrap_options: Any
+) -> tuple[TaskModel, nn.Module]:
+    """The task model on this rank's device and its data-parallel wrapper: ``(task, wrapped)``.
+
+    As :func:`onepeace.train.build.build_for_ranks`: one process builds eagerly; under DDP/FSDP the task model is
+    built on the meta device, sharded (FSDP2), materialised rank by rank with the eager values, and the starting
+    tensors are read shard by shard. ``prepare`` runs just before wrapping.
+    """
+    from onepeace.train.distributed import wrap_model
+    from onepeace.train.materialize import materialize, record_init
+
+    if dist.world_size == 1 or cfg.strategy == "none":
+        task = build_task_model(cfg).to(dist.device)
+        if prepare is not None:
+            prepare(task)
+        return task, wrap_model(task, cfg.strategy, **wrap_options)
+    source_cfg, weights, bcfg, classes = _start(cfg, lazy=True)
+    record = record_init(lambda: construct_task(cfg, bcfg, classes))
+    task = record.module
+    freeze_unused(task)
+    if prepare is not None:
+        prepare(task)
+    if cfg.strategy == "fsdp":
+        wrap_model(task, "fsdp", device=dist.device, **wrap_options)
+    materialize(record, dist.device)
+    if weights:
+        load_start(task, fit_weights(weights, bcfg, source_cfg), cfg.model.init_from, sharded=True)
+    return task, task if cfg.strategy == "fsdp" else wrap_model(task, cfg.strategy, **wrap_options)
 
 
 def _head_classes(weights: dict[str, torch.Tensor]) -> int | None:
@@ -122,19 +180,31 @@ def _head_classes(weights: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
-def load_start(task: TaskModel, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Load starting tensors; only :data:`FRESH_OK` parameters may be missing, nothing may be unexpected."""
+def load_start(task: TaskModel, weights: dict[str, torch.Tensor], source: str, sharded: bool = False) -> None:
+    """Load starting tensors; only :data:`FRESH_OK` parameters may be missing, nothing may be unexpected.
+
+    ``sharded``: ``task`` may be sharded by FSDP2 and ``weights`` hold lazy handles; each rank reads and copies only
+    the rows it holds (:func:`onepeace.train.shard_load.load_local`), after the same checks.
+    """
     expected = task.state_dict()
     wrong = [k for k, v in weights.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
     if wrong:
         shapes = ", ".join(f"{k} {tuple(weights[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:4])
         raise CheckpointError(f"{source} does not fit task {task.spec.name}: shape mismatch {shapes}")
-    result = task.load_state_dict(weights, strict=False)
-    bad = [k for k in result.missing_keys if not k.startswith(FRESH_OK)]
-    if bad or result.unexpected_keys:
+    if sharded:
+        missing, unexpected = [k for k in expected if k not in weights], [k for k in weights if k not in expected]
+    else:
+        result = task.load_state_dict(weights, strict=False)
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    bad = [k for k in missing if not k.startswith(FRESH_OK)]
+    if bad or unexpected:
         raise CheckpointError(
-            f"{source} does not fit task {task.spec.name}: missing {bad[:6]}, unexpected {result.unexpected_keys[:6]}"
+            f"{source} does not fit task {task.spec.name}: missing {bad[:6]}, unexpected {unexpected[:6]}"
         )
+    if sharded:
+        from onepeace.train.shard_load import load_local
+
+        load_local(task, weights)
 
 
 def segments_read(spec: TaskSpec) -> tuple[Modality, ...]:
