@@ -44,6 +44,18 @@ def test_replayed_meta_construction_equals_eager(recipe: str) -> None:
     assert torch.equal(module.get_buffer(index), build_objective(cfg).get_buffer(index))
 
 
+@pytest.mark.parametrize("task", ["imagenet", "vqa"])
+def test_replayed_task_model_equals_eager(task: str) -> None:
+    """The image-classification head starts from torch's ``trunc_normal_`` (rejection sampling, a no-op on meta)."""
+    from onepeace.finetune.build import _start, construct_task
+
+    cfg = task_recipe(task, "none", ["model.num_classes=8"])
+    _, _, bcfg, classes = _start(cfg, lazy=True)
+    module = materialize(record_init(lambda: construct_task(cfg, bcfg, classes)), "cpu")
+    torch.manual_seed(cfg.seed + 1)  # the replay reseeds, as the eager construction does
+    _assert_same(module.state_dict(), construct_task(cfg, bcfg, classes).state_dict())
+
+
 def test_a_different_seed_gives_different_values() -> None:
     cfg = load_recipe(TINY1, ["seed=5"])
     other = materialize(record_init(lambda: construct_objective(load_recipe(TINY1, ["seed=6"]))), "cpu")
@@ -127,6 +139,7 @@ def _eager(recipe: str, overrides: list[str]) -> torch.nn.Module:
     return build_objective(load_recipe(recipe, [o for o in overrides if not o.startswith("strategy=")]))
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("case", ["fsdp_scratch", "ddp_scratch", "fsdp_start", "fsdp_stage2", "ddp_stage2"])
 def test_two_ranks_equal_the_eager_build(two_ranks, case: str) -> None:
     out, specs = two_ranks
@@ -146,6 +159,7 @@ def test_two_ranks_equal_the_eager_build(two_ranks, case: str) -> None:
     assert ranks[0]["requires_grad"] == {n: p.requires_grad for n, p in eager.named_parameters()}
 
 
+@pytest.mark.dist
 def test_two_ranks_reject_a_start_without_decoder_as_one_process(two_ranks) -> None:
     out, specs = two_ranks
     recipe, overrides = specs["fsdp_no_decoder"]
@@ -155,6 +169,7 @@ def test_two_ranks_reject_a_start_without_decoder_as_one_process(two_ranks) -> N
         assert torch.load(out / f"fsdp_no_decoder.rank{r}.pt", weights_only=True)["error"] == str(eager.value)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("case", sorted(TASK_CASES))
 def test_two_ranks_build_the_task_model_of_one_process(two_ranks, case: str) -> None:
     out, _ = two_ranks

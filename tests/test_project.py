@@ -65,6 +65,19 @@ def test_no_cuda_packages_installed() -> None:
     assert "+cu" not in importlib.metadata.version("torch")
 
 
+def test_multi_process_and_cuda_tests_carry_their_tier_markers() -> None:
+    """A test module that launches processes (``tests/torchrun.py``) marks them ``dist``, one that skips without CUDA
+    marks it ``gpu``: otherwise they would run in (or skip out of) the fast tier unnoticed."""
+    unmarked = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        text = path.read_text()
+        if re.search(r"^from torchrun import", text, flags=re.M) and "pytest.mark.dist" not in text:
+            unmarked.append(f"{path.name}: tests/torchrun.py without pytest.mark.dist")
+        if re.search(r"skipif\(\s*not torch\.cuda\.is_available\(\)", text) and "pytest.mark.gpu" not in text:
+            unmarked.append(f"{path.name}: a CUDA skip without pytest.mark.gpu")
+    assert unmarked == []
+
+
 def test_import_is_light() -> None:
     code = "import sys, onepeace; assert 'torch' not in sys.modules, 'torch imported'; print(onepeace.__version__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
