@@ -13,7 +13,8 @@ operation that draws it. The host therefore never holds more than about one tens
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,9 @@ _OVERWRITES = frozenset(
 )
 #: Factories that fill a tensor from Python data outside the dispatcher; recorded as a host tensor copied to meta.
 _DATA_FACTORIES = (torch.tensor, torch.as_tensor, torch.asarray)
+#: ``torch.nn.init`` functions that return at once on a meta tensor (``trunc_normal_`` samples by rejection, so
+#: how much it draws depends on the values): recorded as one call each and called on the host tensor in the replay.
+_OPAQUE_INITS = ("trunc_normal_", "orthogonal_", "sparse_", "dirac_")
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,28 @@ class _HostData(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@contextmanager
+def _opaque_inits(ops: list[_Op]) -> Iterator[None]:
+    originals = {name: getattr(nn.init, name) for name in _OPAQUE_INITS}
+
+    def recorder(original: Callable) -> Callable:
+        def record(tensor: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            if not _is_meta(tensor):
+                return original(tensor, *args, **kwargs)
+            ops.append(_Op(original, (tensor, *args), kwargs, tensor))
+            return tensor
+
+        return record
+
+    try:
+        for name, original in originals.items():
+            setattr(nn.init, name, recorder(original))
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(nn.init, name, original)
+
+
 def record_init(build: Callable[[], nn.Module]) -> InitRecord:
     """Run ``build()`` on the meta device, recording every tensor operation it performs.
 
@@ -107,7 +133,7 @@ def record_init(build: Callable[[], nn.Module]) -> InitRecord:
     every tensor the value the eager construction gives it.
     """
     ops: list[_Op] = []
-    with _HostData(), torch.device(_META), _Recorder(ops):  # the device context runs first, then _HostData
+    with _opaque_inits(ops), _HostData(), torch.device(_META), _Recorder(ops):  # device context first, then _HostData
         module = build()
     record = InitRecord(module, ops)
     tensors = [(n, t, True) for n, t in module.named_parameters(remove_duplicate=False)]
