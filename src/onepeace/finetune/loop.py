@@ -48,15 +48,15 @@ def _audio_cfg(task: TaskModel, cfg: FinetuneConfig):
 def build_and_wrap(cfg: FinetuneConfig, dist) -> tuple[TaskModel, torch.nn.Module]:
     """The task model on this rank's device, then wrapped: ``(task, wrapped)``.
 
-    The one place the module is made: build, per-block compile, data-parallel wrap.
+    The one place the module is made: build, per-block compile, data-parallel wrap. Under DDP/FSDP with several
+    processes it is built on the meta device and each rank materialises only what it holds
+    (:func:`onepeace.finetune.build.build_task_for_ranks`), with the values of the eager build.
     """
-    from onepeace.finetune.build import build_task_model
+    from onepeace.finetune.build import build_task_for_ranks
     from onepeace.train.core import maybe_compile
-    from onepeace.train.distributed import wrap_kwargs, wrap_model
+    from onepeace.train.distributed import wrap_kwargs
 
-    task = build_task_model(cfg).to(dist.device)
-    maybe_compile(task, cfg.compile)
-    return task, wrap_model(task, cfg.strategy, **wrap_kwargs(cfg))
+    return build_task_for_ranks(cfg, dist, lambda m: maybe_compile(m, cfg.compile), **wrap_kwargs(cfg))
 
 
 def finetune(cfg: FinetuneConfig, resume: str | Path | None = None) -> FinetuneResult:
