@@ -21,9 +21,15 @@ fewer steps, because on CPUs without bf16 matrix instructions its matmuls are 10
 slower than fp32 (one bf16 step at batch 8 took 24 minutes on a 2-core CPU where fp32 took about one);
 fp32 is then also timed at that batch, so the bf16/fp32 ratio compares equal batches.
 
+``--compile`` adds, after the eager rows, a row for every fp32 row with each fusion block compiled
+(:func:`onepeace.train.compile.compile_blocks`, inductor) in the same run and on the same objective; its untimed
+warm-up steps (at least one) include the compilation, whose wall time is printed. The last column is each row's
+median over the eager fp32 median at the same batch (bf16/fp32, compiled/eager).
+
 Example::
 
     python benchmarks/train_step.py --threads 2 --json train_step.json
+    python benchmarks/train_step.py --variant onepeace-small --batch 2 --precisions fp32 --compile
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ class Row:
     samples_per_second: list[float]
     gflop_per_sample: float
     peak_gflops: float
+    compiled: bool = False
 
     @property
     def median(self) -> float:
@@ -109,6 +116,7 @@ class Plan:
     batch: int
     warmup: int
     repeats: int
+    compiled: bool = False
 
 
 @dataclass
@@ -148,6 +156,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    p.add_argument("--compile", action="store_true", help="also time every fp32 row with each fusion block compiled")
     p.add_argument("--image-size", type=int, default=256, help="image side in pixels (a multiple of 16)")
     p.add_argument("--text-tokens", type=int, default=32, help="token ids per text, including eos")
     p.add_argument("--matmul-size", type=int, default=4096, help="side of the square fp32 matmul giving the peak")
@@ -177,6 +186,8 @@ def plan_rows(args: argparse.Namespace) -> list[Plan]:
             plans.append(Plan("fp32", args.bf16_batch, args.warmup, args.repeats))
     if "bf16" in args.precisions:
         plans.append(Plan("bf16", args.bf16_batch, args.bf16_warmup, args.bf16_repeats))
+    if args.compile:  # after every eager row: compiling changes the objective in place
+        plans += [Plan(p.precision, p.batch, max(1, p.warmup), p.repeats, True) for p in plans if p.precision == "fp32"]
     return plans
 
 
@@ -319,20 +330,19 @@ def measure(
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """Markdown table; bf16/fp32 is the median bf16 throughput over the median fp32 throughput at the same batch."""
-    fp32 = {r.batch: r.median for r in rows if r.precision == "fp32"}
+    """Markdown table; the last column is a row's median throughput over the eager fp32 median at the same batch
+    (bf16/fp32 for bf16 rows, compiled/eager for compiled rows)."""
+    fp32 = {r.batch: r.median for r in rows if r.precision == "fp32" and not r.compiled}
     head = (
-        "| precision | batch | steps (warmup + timed) | samples/s min | samples/s median | samples/s max "
-        "| s/step (median) | GFLOP/sample (fwd+bwd) | achieved GFLOP/s (median) | MFU | bf16/fp32 speed |"
+        "| precision | compiled | batch | steps (warmup + timed) | samples/s min | samples/s median | samples/s max "
+        "| s/step (median) | GFLOP/sample (fwd+bwd) | achieved GFLOP/s (median) | MFU | speed vs eager fp32 |"
     )
-    lines = [head, "|---|---|---|" + "---:|" * 8]
+    lines = [head, "|---|---|---|---|" + "---:|" * 8]
     for r in rows:
-        if r.precision == "fp32":
-            ratio = "1.00"
-        else:
-            ratio = f"{r.median / fp32[r.batch]:.2f}" if r.batch in fp32 else "n/a"
+        ratio = f"{r.median / fp32[r.batch]:.2f}" if r.batch in fp32 else "n/a"
         lines.append(
-            f"| {r.precision} | {r.batch} | {r.warmup} + {r.repeats} | {fmt_number(min(r.samples_per_second))} "
+            f"| {r.precision} | {'yes' if r.compiled else 'no'} | {r.batch} | {r.warmup} + {r.repeats} "
+            f"| {fmt_number(min(r.samples_per_second))} "
             f"| {fmt_number(r.median)} | {fmt_number(max(r.samples_per_second))} | {fmt_number(r.seconds_per_step)} "
             f"| {fmt_number(r.gflop_per_sample)} | {fmt_number(r.achieved_gflops)} | {100 * r.mfu:.1f}% | {ratio} |"
         )
@@ -364,9 +374,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows: list[Row] = []
     losses: dict[str, list[float]] = {}
+    compile_seconds = None
     for plan in plans:
-        log(f"{plan.precision}: batch {plan.batch}, {plan.warmup} warmup + {plan.repeats} timed steps")
-        rates, losses[f"{plan.precision}_batch{plan.batch}"] = measure(
+        if plan.compiled and compile_seconds is None:
+            from onepeace.train.compile import compile_blocks
+
+            log(f"compiled {compile_blocks(objective)} fusion blocks; the first warm-up step compiles them")
+            compile_seconds = time.perf_counter()
+            train_step(objective, optimizer, batches[plan.batch], plan.precision, cfg.optim.clip_grad_norm)
+            compile_seconds = time.perf_counter() - compile_seconds
+            log(f"first compiled step (with compilation): {compile_seconds:.1f} s")
+        label = f"{plan.precision}{'_compiled' if plan.compiled else ''}_batch{plan.batch}"
+        log(f"{label}: {plan.warmup} warmup + {plan.repeats} timed steps")
+        rates, losses[label] = measure(
             objective,
             optimizer,
             batches[plan.batch],
@@ -376,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg.optim.clip_grad_norm,
         )
         gflop = flops[plan.batch].total / plan.batch / 1e9
-        rows.append(Row(plan.precision, plan.batch, plan.warmup, plan.repeats, rates, gflop, peak))
+        rows.append(Row(plan.precision, plan.batch, plan.warmup, plan.repeats, rates, gflop, peak, plan.compiled))
     wall = time.perf_counter() - wall
 
     env = environment()
@@ -398,6 +418,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for b, f in flops.items()
     )
     print(f"FLOPs: one fp32 forward + backward counted with FlopCounterMode (2 per MAC); {split}.")
+    if compile_seconds is not None:
+        print(
+            f"Compiled rows: every fusion block compiled (inductor); first step, compilation included: "
+            f"{compile_seconds:.1f} s."
+        )
     if args.json is not None:
         record = {
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -406,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "flops_per_step": {str(b): asdict(f) | {"total": f.total} for b, f in flops.items()},
             "trainable_parameters": trainable,
             "wall_seconds": wall,
+            "first_compiled_step_seconds": compile_seconds,
             "losses": losses,
             "rows": [
                 asdict(r)
