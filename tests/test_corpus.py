@@ -54,6 +54,7 @@ def test_emoji_captions_and_concepts() -> None:
     assert describe("MUSICAL KEYBOARD", "Objects")[1] == "piano"
 
 
+@pytest.mark.slow
 def test_numerals_are_drawn_reproducibly_with_their_digit(tmp_path: Path) -> None:
     from onepeace.corpus.sources.numerals import FONT_DIR, NumeralSource
 
@@ -181,6 +182,7 @@ def test_no_available_source_is_an_error(tmp_path: Path) -> None:
         build_demo_corpus(tmp_path, [FakeSource(tmp_path, ready=False)], BuildOptions(progress=False))
 
 
+@pytest.mark.slow
 def test_cli_builds_from_the_real_sources(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The installable sources (README command 2 installs them), a few items each."""
     for tool in ("espeak-ng", "fluidsynth"):

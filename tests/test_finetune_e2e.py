@@ -68,6 +68,7 @@ def test_head_trains_and_its_checkpoint_evaluates(task: str, tmp_path: Path, cap
     assert get_task(task).metric in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_esc50_zero_shot_equals_prompt_matching_through_the_api(tmp_path: Path) -> None:
     import onepeace
     from onepeace.finetune.readers import read_task_tsv
@@ -87,6 +88,7 @@ def test_esc50_zero_shot_equals_prompt_matching_through_the_api(tmp_path: Path) 
     assert accuracy == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_composed_queries_run_on_real_media(tmp_path: Path) -> None:
     lines = (PAIRS / "image_text.tsv").read_text().splitlines()[1:9]
     rows = ["uniq_id\taudio\ttext\timage\ttarget"]
@@ -125,6 +127,7 @@ def test_official_fine_tuned_file_evaluates(tmp_path: Path) -> None:
     assert metrics["examples"] == 48 and 0.0 <= metrics["accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_zero_shot_retrieval_of_a_backbone_equals_the_api(tmp_path: Path) -> None:
     import onepeace
 
