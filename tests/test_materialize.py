@@ -127,6 +127,22 @@ def test_sharded_start_checks_keys_as_the_full_load(starts: tuple[Path, Path]) -
     assert str(sharded.value) == str(eager.value) and "decoder.embed_in.text.weight" in str(eager.value)
 
 
+def test_sharded_start_reads_rows_not_whole_tensors(starts: tuple[Path, Path], monkeypatch) -> None:
+    """Every tensor with rows is read through ``get_slice`` (this rank's rows), none through ``get_tensor``."""
+    from onepeace.train.shard_load import LazyTensor
+
+    step, _ = starts
+    cfg = load_recipe(TINY1, [f"model.init_from={step}"])
+    module = materialize(record_init(lambda: construct_objective(cfg)), "cpu")
+    whole, rows = [], []
+    real_full, real_rows = LazyTensor.full, LazyTensor.rows
+    monkeypatch.setattr(LazyTensor, "full", lambda self: whole.append(self.shape) or real_full(self))
+    monkeypatch.setattr(LazyTensor, "rows", lambda self, a, b: rows.append(self.name) or real_rows(self, a, b))
+    load_start_shards(module, read_start_weights(step, lazy=True), 1)
+    assert whole == [()] and len(rows) == len(module.state_dict()) - 1  # logit_scale is 0-d
+    _assert_same(module.state_dict(), build_objective(cfg).state_dict())
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, starts: tuple[Path, Path]) -> tuple[Path, dict[str, tuple[str, list[str]]]]:
     out = tmp_path_factory.mktemp("materialize")
