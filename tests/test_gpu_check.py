@@ -92,3 +92,16 @@ def test_encode_row_reports_every_modality(result: dict) -> None:
     for modality, batch in (("image", 4), ("text", 8), ("audio", 2)):
         assert row[modality]["batch"] == batch and positive(row[modality]["items_per_second"]), modality
     assert row["audio"]["audio_seconds_per_second"] == pytest.approx(row["audio"]["items_per_second"] * 1.0)
+
+
+def test_a_failing_row_is_recorded_and_the_others_still_run(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    args = [sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--rows", "fixture", "matmul"]
+    args += ["--fixture", str(tmp_path / "missing"), "--out", str(out)]
+    run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 1, run.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert tuple(data["rows"]) == ("fixture", "matmul")
+    assert data["rows"]["fixture"]["ok"] is False and "missing" in data["rows"]["fixture"]["error"]
+    assert data["errors"] == {"fixture": data["rows"]["fixture"]["error"]}
+    assert data["rows"]["matmul"]["ok"] is True and positive(data["rows"]["matmul"]["tflops"])
