@@ -76,7 +76,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="where to write the JSON")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
-    p.add_argument("--tiny", action="store_true", help="onepeace-tiny and batches of at most 2 (about a minute on 2 CPU cores)")
+    p.add_argument(
+        "--tiny", action="store_true", help="onepeace-tiny and batches of at most 2 (about a minute on 2 CPU cores)"
+    )
     p.add_argument("--fixture", type=Path, default=FIXTURE, help="the official tiny fixture directory")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled row")
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="rows to run (default: all)")
