@@ -132,7 +132,7 @@ def _compute(task: TaskModel, cfg: FinetuneConfig, dist):
 
     retrieval = task.spec.kind is TaskKind.RETRIEVAL
     gather = None
-    if dist.world_size > 1 and retrieval:
+    if retrieval:  # keys without gradient, as on several ranks (one process: the detached local batch)
         from onepeace.train.distributed import all_gather_no_grad as gather
 
     def compute(wrapped, batch) -> MicroStep:

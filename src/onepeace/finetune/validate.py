@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -94,7 +94,7 @@ def run_model(
     model: TaskModel,
     batches: Iterable[TaskBatch],
     device: torch.device | str = "cpu",
-    stand_in=None,
+    stand_in: Callable[[], TaskBatch] | None = None,
 ) -> Collected:
     """This rank's outputs over ``batches`` in eval mode (the previous train/eval mode is restored); may be empty.
 
@@ -125,6 +125,8 @@ def run_model(
             if batch is not None:  # every record of the batch was unusable
                 result.skipped += sum(count for _, count in batch.skipped)
             if lockstep:
+                if spare is None and stand_in is None:
+                    raise ValueError("a sharded model needs stand_in: this rank has no batch to run in step")
                 spare = spare if spare is not None else stand_in().to(device)
                 model(spare)
     finally:
