@@ -7,10 +7,11 @@ and saves the full weights; this module trains the same task model for two updat
 identical randomness, the retrieval keys gathered without gradient) is in the worker's docstring. The task models
 freeze what their task never reads, so DDP runs without ``find_unused_parameters``.
 
-The worker also scores trained models on every rank over an evaluation file of 21 rows (uneven shares, 3 batches
-against 3, the FSDP forwards in lockstep); the metrics must equal those of one process scoring the saved weights
-over the whole file. The evaluated tasks read images and text only (no audio padding, and text padding is masked), so
-the composition of a batch does not change an example's output.
+The worker also scores trained models on every rank over an evaluation file of 21 rows (uneven shares: 11 rows in 3
+batches against 10 in 2, so under FSDP the second rank runs a stand-in forward to keep the collectives in step); the
+metrics must equal those of one process scoring the saved weights over the whole file. The evaluated tasks read
+images and text only (no audio padding, and text padding is masked), so the composition of a batch does not change
+an example's output.
 """
 
 from __future__ import annotations
