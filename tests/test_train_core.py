@@ -55,6 +55,7 @@ def test_finetune_stop_and_resume_is_exact(tmp_path: Path) -> None:
     assert meta["task"] == "imagenet" and meta["updates"] == 5
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # DCP in one process, on purpose
 def test_step_directory_without_marker_is_not_resumed(tmp_path: Path) -> None:
     """A sharded save that stopped before its marker (all data files there) is skipped, then replaced."""
     from onepeace.train import checkpoint as ckpt
