@@ -46,7 +46,13 @@ def _reference(module: nn.Module, rank: int, world: int) -> dict[str, torch.Tens
 
 
 def main(out_dir: Path) -> None:
-    info = init_distributed("gloo")
+    from onepeace.train.distributed import cleanup
+
+    _run(init_distributed("gloo"), out_dir)
+    cleanup()  # the wrapped modules are unreachable now: the process group goes down before interpreter exit
+
+
+def _run(info, out_dir: Path) -> None:
     results: dict[str, object] = {}
     for strategy in ("ddp", "fsdp"):
         torch.manual_seed(0)
@@ -61,7 +67,6 @@ def main(out_dir: Path) -> None:
         final = {n: _full(p.grad).clone() for n, p in module.named_parameters()}
         results[strategy] = {"first": first, "final": final, "reference": reference}
     torch.save({"rank": info.rank, **results}, out_dir / f"rank{info.rank}.pt")
-    tdist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -176,8 +176,6 @@ def full_weights(task: TaskModel, strategy: str) -> dict[str, torch.Tensor]:
 
 def main(out_dir: Path) -> None:
     """Run :data:`CASES` and :data:`EVAL_CASES` on this rank; rank 0 saves the results into ``out_dir``."""
-    from onepeace.finetune.validate import evaluate_task
-
     torch.set_num_threads(1)
     info = D.init_distributed("gloo")
     if info.world_size != WORLD:
@@ -188,6 +186,14 @@ def main(out_dir: Path) -> None:
         for task, _ in EVAL_CASES:
             eval_file(task, eval_dir)
     D.barrier()
+    _run_cases(info, out_dir, eval_dir)
+    D.barrier()
+    D.cleanup()  # the models are unreachable now: the process group goes down before interpreter exit
+
+
+def _run_cases(info: D.DistInfo, out_dir: Path, eval_dir: Path) -> None:
+    from onepeace.finetune.validate import evaluate_task
+
     for task, strategy in CASES:
         cfg = task_config(task, LOCAL, eval_dir)
         model = train(cfg, strategy, info.rank, info.world_size)
@@ -197,8 +203,6 @@ def main(out_dir: Path) -> None:
         if (task, strategy) in EVAL_CASES:
             metrics = evaluate_task(model, cfg, out_dir / f"{task}.{strategy}.report", progress=False)
             torch.save(metrics, out_dir / f"{task}.{strategy}.eval.rank{info.rank}.pt")
-    D.barrier()
-    D.cleanup()
 
 
 if __name__ == "__main__":

@@ -71,6 +71,11 @@ def main(out_dir: str, step_dir: str, native_dir: str) -> None:
     info = D.init_distributed("gloo")
     out = Path(out_dir)
     _task_cases(info, out)
+    _objective_cases(info, out, step_dir, native_dir)
+    D.cleanup()  # the modules are unreachable now: the process group goes down before interpreter exit
+
+
+def _objective_cases(info: D.DistInfo, out: Path, step_dir: str, native_dir: str) -> None:
     for name, (recipe, overrides) in cases(step_dir, native_dir).items():
         cfg = load_recipe(recipe, overrides)
         try:
@@ -89,7 +94,6 @@ def main(out_dir: str, step_dir: str, native_dir: str) -> None:
             (objective.model.logit_scale * (info.rank + 1)).backward()
             record["logit_scale_grad"] = float(objective.model.logit_scale.grad)
         torch.save(record, out / f"{name}.rank{info.rank}.pt")
-    D.cleanup()
 
 
 if __name__ == "__main__":

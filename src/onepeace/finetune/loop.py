@@ -62,17 +62,23 @@ def build_and_wrap(cfg: FinetuneConfig, dist) -> tuple[TaskModel, torch.nn.Modul
 def finetune(cfg: FinetuneConfig, resume: str | Path | None = None) -> FinetuneResult:
     """Fine-tune ``cfg.model.init_from`` on ``cfg.data.train`` (or continue the run in ``resume``), save the model,
     evaluate on ``cfg.data.valid`` (every rank scores its share)."""
-    from onepeace.finetune.data import build_task_loader
-    from onepeace.train import core
     from onepeace.train.distributed import cleanup, init_distributed
-    from onepeace.train.optim import build_optimizer
-    from onepeace.train.schedule import LRSchedule, resolve_total
 
     if not cfg.trains:
         raise ValueError(f"task {cfg.task} is evaluated zero-shot; use: onepeace evaluate {cfg.task}")
     if not cfg.data.train:
         raise ValueError("data.train is empty: give the training TSV file(s)")
-    dist = init_distributed()
+    result = _finetune(cfg, resume, init_distributed())
+    cleanup()  # the run's modules are unreachable now
+    return result
+
+
+def _finetune(cfg: FinetuneConfig, resume: str | Path | None, dist) -> FinetuneResult:
+    from onepeace.finetune.data import build_task_loader
+    from onepeace.train import core
+    from onepeace.train.optim import build_optimizer
+    from onepeace.train.schedule import LRSchedule, resolve_total
+
     task, wrapped = build_and_wrap(cfg, dist)
     audio_cfg = _audio_cfg(task, cfg)
     first = build_task_loader(cfg, "train", audio_cfg, dist.rank, dist.world_size, epoch=0, device=dist.device)
@@ -90,7 +96,6 @@ def finetune(cfg: FinetuneConfig, resume: str | Path | None = None) -> FinetuneR
     metrics = None
     if cfg.data.valid:  # every rank scores its share
         metrics = evaluate_task(task, cfg, out_dir / "eval", device=dist.device, model_name=str(out_dir / "model"))
-    cleanup()
     return FinetuneResult(out_dir, state.step, model_dir, metrics)
 
 

@@ -131,9 +131,20 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Destroy the default process group if one exists."""
+    """Tear the default process group down while the interpreter is fully alive (no-op without one).
+
+    Call it once the run's modules are unreachable: garbage collection first frees FSDP2 modules, which keep the
+    process group and its finished gloo work alive; a barrier then lets every rank's last collective settle before
+    the group is destroyed. Left to interpreter exit, a gloo worker thread releasing that work needs the GIL
+    during finalisation and the process aborts ("terminate called without an active exception").
+    """
+    import gc
+
+    gc.collect()
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+    gc.collect()
 
 
 def all_gather_no_grad(x: Tensor) -> Tensor:

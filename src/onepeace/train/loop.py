@@ -72,14 +72,20 @@ def build_and_wrap(cfg: TrainConfig, dist: DistInfo) -> tuple[torch.nn.Module, t
 
 def pretrain(cfg: TrainConfig, resume: str | Path | None = None) -> RunResult:
     """Run (or resume) a pretraining recipe; rank 0 logs and exports the final backbone, every rank checkpoints."""
-    from onepeace.train import core
     from onepeace.train.distributed import cleanup, init_distributed
-    from onepeace.train.optim import build_optimizer
-    from onepeace.train.schedule import LRSchedule, resolve_total
 
     if getattr(cfg.data, "stage", cfg.stage) != cfg.stage:
         raise ValueError(f"data.stage ({cfg.data.stage}) differs from stage ({cfg.stage})")
-    dist = init_distributed()
+    result = _pretrain(cfg, resume, init_distributed())
+    cleanup()  # the run's modules are unreachable now
+    return result
+
+
+def _pretrain(cfg: TrainConfig, resume: str | Path | None, dist: DistInfo) -> RunResult:
+    from onepeace.train import core
+    from onepeace.train.optim import build_optimizer
+    from onepeace.train.schedule import LRSchedule, resolve_total
+
     objective, wrapped = build_and_wrap(cfg, dist)
     optim_cfg = resolve_total(cfg.optim, _batches_per_epoch(cfg, dist), cfg.grad_accum)
     optimizer = build_optimizer(objective, optim_cfg)
@@ -90,7 +96,6 @@ def pretrain(cfg: TrainConfig, resume: str | Path | None = None) -> RunResult:
     batches = _batches(cfg, dist, epoch, skip)
     state = core.run(core.CoreSettings.of(cfg, f"stage {cfg.stage}"), trainee, _micro, batches, dist, step, last)
     model_dir = _export(cfg, dist, objective, Path(cfg.out_dir) / "model")
-    cleanup()
     return RunResult(Path(cfg.out_dir), state.step, state.checkpoint, model_dir)
 
 
