@@ -150,6 +150,26 @@ def test_keep_last_pruning_and_pointer_fallback(tmp_path: Path) -> None:
         ckpt.load_training_state(tmp_path / "missing", parts[0])
 
 
+def test_single_file_directory_of_the_earlier_layout_still_counts(tmp_path: Path) -> None:
+    """Step directories written before the COMPLETE marker existed (renamed into place whole) stay resumable and
+    usable as a starting point; a directory holding only part of the single-file layout does not count."""
+    parts = _setup(0)
+    _train_step(*parts)
+    first = _save(tmp_path, 1, parts)
+    _train_step(*parts)
+    second = _save(tmp_path, 2, parts)
+    for step_dir in (first, second):
+        (step_dir / ckpt.MARKER).unlink()  # as the earlier release wrote them
+    assert ckpt.latest_checkpoint(tmp_path) == second
+    fresh = _setup(1)
+    state = ckpt.load_training_state(tmp_path, fresh[0], fresh[1], fresh[2])
+    assert state["step"] == 2 and state["data_position"] == {"epoch": 0, "batch": 2}
+    for key, value in parts[0].state_dict().items():
+        assert torch.equal(fresh[0].state_dict()[key], value), key
+    (second / ckpt.WEIGHTS).unlink()  # not the whole layout: skipped, the pointer falls back
+    assert ckpt.latest_checkpoint(tmp_path) == first
+
+
 def test_export_inference_weights(tmp_path: Path) -> None:
     import onepeace
 

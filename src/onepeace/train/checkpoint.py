@@ -249,9 +249,16 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int | None) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------- loading
 def is_checkpoint(path: str | Path) -> bool:
-    """True for a complete step directory (of either layout): one whose ``COMPLETE`` marker exists."""
+    """True for a complete step directory (of either layout): one whose ``COMPLETE`` marker exists.
+
+    Single-file step directories written before the marker existed (``model.safetensors`` + ``trainer.pt``, no
+    ``state/``) count too: that layout is filled under a temporary name and renamed, so it only ever appears whole.
+    A sharded directory without its marker never counts.
+    """
     path = Path(path)
-    return path.is_dir() and (path / MARKER).is_file() and (path / TRAINER).is_file()
+    if not (path.is_dir() and (path / TRAINER).is_file()):
+        return False
+    return (path / MARKER).is_file() or (not is_sharded(path) and (path / WEIGHTS).is_file())
 
 
 def is_sharded(step_dir: str | Path) -> bool:
