@@ -76,9 +76,13 @@ class PretrainDecoder(nn.Module):
         batch, length = seg.padding_mask.shape
         visible = self.embed_in[modality.value](seg.visible)  # [B, S_keep, d]
         token = self.mask_tokens[modality.value].to(visible.dtype)
-        full = token.expand(batch, length + 1, -1).clone()  # one spare column receives the -1 padding
-        index = seg.keep.masked_fill(seg.keep < 0, length)  # [B, S_keep]
-        full = full.scatter(1, index.unsqueeze(-1).expand_as(visible), visible)[:, :length]  # [B, S, d]
+        index = seg.keep.masked_fill(seg.keep < 0, length)  # [B, S_keep]; a spare column S takes the -1 padding
+        placed = visible.new_zeros(batch, length + 1, visible.shape[-1])
+        placed = placed.scatter(1, index.unsqueeze(-1).expand_as(visible), visible)[:, :length]  # [B, S, d]
+        kept = torch.zeros(batch, length + 1, dtype=torch.bool, device=index.device).scatter(1, index, True)
+        # where() hands the mask token a contiguous [B, S, d] gradient with zeros at the kept positions, so its
+        # sum runs in the same order as for an in-place index_put (no host sync here, the same bits there)
+        full = torch.where(kept[:, :length, None], placed, token.expand(batch, length, -1))
         return full + self._positions(modality, length).unsqueeze(0).to(visible.dtype)
 
     def forward(self, inputs: dict[Modality, DecoderInput]) -> dict[Modality, torch.Tensor]:
