@@ -151,7 +151,7 @@ def build_task_for_ranks(
     tensors are read shard by shard. ``prepare`` runs just before wrapping.
     """
     from onepeace.train.distributed import wrap_model
-    from onepeace.train.materialize import materialize, record_init
+    from onepeace.train.materialize import materialize_for_ranks, record_init
 
     if dist.world_size == 1 or cfg.strategy == "none":
         task = build_task_model(cfg).to(dist.device)
@@ -164,12 +164,12 @@ def build_task_for_ranks(
     freeze_unused(task)
     if prepare is not None:
         prepare(task)
-    if cfg.strategy == "fsdp":
-        wrap_model(task, "fsdp", device=dist.device, **wrap_options)
-    materialize(record, dist.device)
-    if weights:
-        load_start(task, fit_weights(weights, bcfg, source_cfg), cfg.model.init_from, sharded=True)
-    return task, task if cfg.strategy == "fsdp" else wrap_model(task, cfg.strategy, **wrap_options)
+
+    def load() -> None:
+        if weights:
+            load_start(task, fit_weights(weights, bcfg, source_cfg), cfg.model.init_from, sharded=True)
+
+    return task, materialize_for_ranks(record, cfg.strategy, dist.device, load, **wrap_options)
 
 
 def _head_classes(weights: dict[str, torch.Tensor]) -> int | None:

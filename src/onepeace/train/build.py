@@ -163,7 +163,7 @@ def build_for_ranks(
     per-block compile; ``wrap_options`` go to :func:`~onepeace.train.distributed.wrap_model`.
     """
     from onepeace.train.distributed import apply_activation_checkpointing, wrap_model
-    from onepeace.train.materialize import materialize, record_init
+    from onepeace.train.materialize import materialize_for_ranks, record_init
 
     if dist.world_size == 1 or cfg.strategy == "none":
         objective = build_objective(cfg, gather, dist.rank).to(dist.device)
@@ -179,14 +179,13 @@ def build_for_ranks(
         apply_activation_checkpointing(objective)
     if prepare is not None:
         prepare(objective)
-    if cfg.strategy == "fsdp":
-        wrap_model(objective, "fsdp", device=dist.device, **wrap_options)
-    materialize(record, dist.device)
-    if cfg.model.init_from:
-        fresh = load_start_shards(objective, read_start_weights(cfg.model.init_from, lazy=True), cfg.stage)
-        _start_audio_ffns(cfg, objective, fresh)
-    wrapped = objective if cfg.strategy == "fsdp" else wrap_model(objective, cfg.strategy, **wrap_options)
-    return objective, wrapped
+
+    def load() -> None:
+        if cfg.model.init_from:
+            fresh = load_start_shards(objective, read_start_weights(cfg.model.init_from, lazy=True), cfg.stage)
+            _start_audio_ffns(cfg, objective, fresh)
+
+    return objective, materialize_for_ranks(record, cfg.strategy, dist.device, load, **wrap_options)
 
 
 def image_branch(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -282,3 +282,27 @@ def materialize(record: InitRecord, device: torch.device | str) -> nn.Module:
         _write(module, name, value)
     replay(record, lambda target, value: _write(module, target.name, value))
     return module
+
+
+def materialize_for_ranks(
+    record: InitRecord,
+    strategy: str,
+    device: torch.device,
+    load: Callable[[], None] | None = None,
+    **wrap_options: Any,
+) -> nn.Module:
+    """The second half of a meta-device build under DDP or FSDP; returns the module its forward runs through.
+
+    FSDP2 shards the meta module first, so each rank allocates only its shards; then every rank materialises what
+    it holds (:func:`materialize`), ``load`` reads the starting tensors into it (shard by shard), and DDP wraps the
+    materialised module. Under FSDP2 the returned module is ``record.module`` itself (sharded in place).
+    """
+    from onepeace.train.distributed import wrap_model
+
+    module = record.module
+    if strategy == "fsdp":
+        wrap_model(module, "fsdp", device=device, **wrap_options)
+    materialize(record, device)
+    if load is not None:
+        load()
+    return module if strategy == "fsdp" else wrap_model(module, strategy, **wrap_options)
