@@ -8,7 +8,7 @@ original image pixels.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +18,6 @@ from onepeace.evaluate.boxes import grounding_accuracy
 from onepeace.evaluate.metrics import recall_at_k, top1_accuracy
 from onepeace.evaluate.task_metrics import mean_average_precision, vqa_score
 from onepeace.finetune.batch import TaskBatch
-from onepeace.finetune.model import TaskModel
 from onepeace.finetune.tasks import TaskKind, TaskSpec
 
 KS = (1, 5, 10)
@@ -61,25 +60,6 @@ class Collected:
 
 
 @torch.no_grad()
-def collect(model: TaskModel, batches: Iterable[TaskBatch], device: torch.device | str = "cpu") -> Collected:
-    """Run ``model`` in eval mode over ``batches``; restores the previous train/eval mode."""
-    was_training = model.training
-    model.eval()
-    result = Collected()
-    try:
-        for batch in batches:
-            if batch.batch_size == 0:  # every record of the batch was unusable
-                result.skipped += sum(count for _, count in batch.skipped)
-                continue
-            batch = batch.to(device)
-            result.add(model(batch), batch)
-    finally:
-        model.train(was_training)
-    if result.examples == 0:
-        raise ValueError("the evaluation data gave no usable example")
-    return result
-
-
 def _retrieval(c: Collected) -> dict[str, float]:
     text, media, group = torch.cat(c.text), torch.cat(c.media), torch.cat(c.group)
     distinct, first = _first_rows(group)
