@@ -51,7 +51,7 @@ def _micro(wrapped, batch) -> MicroStep:
     return MicroStep(
         wrapped(batch),
         samples=int(batch.num_samples or batch.batch_size),
-        tokens=batch.text.ne(1).sum(),
+        tokens=batch.num_text_tokens if batch.num_text_tokens is not None else batch.text.ne(1).sum(),
         skipped=sum(getattr(batch, "skipped", {}).values()),
     )
 
