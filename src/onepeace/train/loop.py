@@ -34,7 +34,7 @@ def _batches(cfg: TrainConfig, dist: DistInfo, epoch: int, skip: int):
     from onepeace.data.pretrain import build_pretrain_loader
 
     while True:
-        loader = build_pretrain_loader(cfg.data, dist.rank, dist.world_size, cfg.seed, epoch, skip)
+        loader = build_pretrain_loader(cfg.data, dist.rank, dist.world_size, cfg.seed, epoch, skip, dist.device)
         for i, batch in enumerate(loader, start=skip):
             yield batch, {"epoch": epoch, "batch": i + 1}
         epoch, skip = epoch + 1, 0
