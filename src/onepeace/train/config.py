@@ -22,7 +22,7 @@ from onepeace.config import OnePeaceConfig
 from onepeace.errors import require
 from onepeace.modality import Modality
 from onepeace.model.decoder import DecoderConfig
-from onepeace.strict_config import _yaml_load, apply_overrides, build_section, read_mapping  # noqa: F401 (shared)
+from onepeace.strict_config import apply_overrides, build_section, read_mapping
 from onepeace.variants import get_variant
 
 REQUIRED_HEADER = ("command", "runtime", "expected")
