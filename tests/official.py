@@ -60,6 +60,16 @@ def checkpoint_meta() -> dict:
     return json.loads((TINY / "checkpoint_meta.json").read_text())
 
 
+def tiny_config():
+    """The fixture's model config with the official batch-dependent audio padding, which the fixture recorded."""
+    import dataclasses
+
+    from onepeace.variants import get_variant
+
+    cfg = get_variant("onepeace-tiny")
+    return cfg.replace(audio=dataclasses.replace(cfg.audio, batch_invariant=False))
+
+
 def write_official_checkpoint(path: Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Pack a fairseq-layout ``checkpoint.pt`` (spec §9.1) like the fixture's, at ``path``."""
     payload = checkpoint_meta()

@@ -122,9 +122,9 @@ class OnePeace(nn.Module):
         """Normalised embeddings ``[B, D]`` of raw inputs, computed ``batch_size`` items at a time.
 
         ``text``: strings; ``image``: paths, bytes, PIL images or arrays; ``audio``: paths, bytes or 1-D arrays
-        (at ``sample_rate``, default 16 kHz). Each modality runs its own unimodal pass. As in the official code,
-        a short clip's audio embedding depends slightly on the longest clip of its batch (zero padding reaches
-        the last frames through the convolutional positions).
+        (at ``sample_rate``, default 16 kHz). Each modality runs its own unimodal pass. An item's embedding does not
+        depend on the other items of its batch, nor on ``batch_size`` (see ``batch_invariant`` in
+        :func:`onepeace.load` for the official batch-dependent audio path).
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

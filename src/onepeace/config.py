@@ -64,6 +64,10 @@ class AudioAdapterConfig:
     """Expected waveform sample rate."""
     max_duration: float = 15.0
     """Seconds of audio kept by preprocessing (the rest is cut)."""
+    batch_invariant: bool = True
+    """Zero the padded frames before each convolutional-position block, so that a clip's embedding does not depend on
+    the other clips of its batch (it equals the clip run alone). False reproduces the official code, where the zero
+    padding of a batch reaches the last real frames through the positional convolutions."""
 
     @property
     def conv_pos_kernel(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     pretrained: bool = True,
+    batch_invariant: bool | None = None,
 ) -> OnePeace:
     """Load ONE-PEACE in eval mode.
 
@@ -51,6 +53,9 @@ def load(
         dtype: parameter dtype, e.g. ``torch.bfloat16`` or ``"bf16"`` (default: as stored; float32 for variants
             and shipped weights).
         pretrained: False gives a randomly initialised model even for a variant that ships weights.
+        batch_invariant: False reproduces the official audio path, where a clip's embedding depends on the longer
+            clips of its batch (zero padding reaches its last frames through the positional convolutions); True makes
+            every clip's embedding equal the clip run alone. Default: as stored (True unless the config says otherwise).
     """
     from onepeace.checkpoints.state import build_model, change_image_size
     from onepeace.pretrained import SHIPPED, shipped_weights
@@ -66,7 +71,7 @@ def load(
     if shipped is not None:
         path_or_variant, dtype = shipped, dtype or torch.float32
     if isinstance(path_or_variant, str) and path_or_variant in VARIANTS:
-        cfg = VARIANTS[path_or_variant]
+        cfg = _with_batch_invariance(VARIANTS[path_or_variant], batch_invariant)
         if image_size is not None:
             cfg = cfg.replace(image_size=image_size)
         model = OnePeaceModel(cfg).eval()
@@ -74,11 +79,19 @@ def load(
             model = model.to(dtype)
     else:
         cfg, tensors, kind = read_weights(path_or_variant)
-        cfg, tensors = change_image_size(cfg, tensors, image_size)
+        cfg, tensors = change_image_size(_with_batch_invariance(cfg, batch_invariant), tensors, image_size)
         model = build_model(cfg, tensors, f"{kind} checkpoint {path_or_variant}", dtype)
     if device is not None:
         model = model.to(device)
     return OnePeace(model).eval()
+
+
+def _with_batch_invariance(cfg: OnePeaceConfig, batch_invariant: bool | None) -> OnePeaceConfig:
+    if batch_invariant is None:
+        return cfg
+    if not isinstance(batch_invariant, bool):
+        raise TypeError(f"batch_invariant must be True, False or None, got {batch_invariant!r}")
+    return cfg.replace(audio=dataclasses.replace(cfg.audio, batch_invariant=batch_invariant))
 
 
 _DTYPES = {

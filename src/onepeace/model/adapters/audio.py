@@ -67,7 +67,12 @@ def conv_positions(dim: int, depth: int, kernel: int, groups: int) -> nn.Sequent
 
 
 class AudioAdapter(nn.Module):
-    """``waveform [B, N]`` (16 kHz, standardised, zero-padded) + ``padding_mask [B, T + 1]`` -> ``[B, T + 1, D]``."""
+    """``waveform [B, N]`` (16 kHz, standardised, zero-padded) + ``padding_mask [B, T + 1]`` -> ``[B, T + 1, D]``.
+
+    With ``cfg.audio.batch_invariant`` (the default) padded frames are zeroed before every positional convolution,
+    which is exactly what the convolution's own zero padding gives a clip run alone, so each real frame sees only its
+    clip. Otherwise padding leaks into the last real frames, as in the official code.
+    """
 
     def __init__(self, cfg: OnePeaceConfig) -> None:
         super().__init__()
@@ -83,6 +88,7 @@ class AudioAdapter(nn.Module):
         self.mask_embedding = nn.Parameter(torch.zeros(1, dim))
         index = sequence_rel_pos_index(acfg.bucket_size, acfg.max_rel_positions)
         self.rel_pos = RelPosBias(index, 2 * acfg.bucket_size + 2, cfg.heads, cfg.num_rel_pos_tables)
+        self.batch_invariant = acfg.batch_invariant
         self._shared: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @contextmanager
@@ -118,9 +124,18 @@ class AudioAdapter(nn.Module):
         feats = self.extractor(waveform.unsqueeze(1)).transpose(1, 2)  # [B, T, C]
         return self.feature_proj(self.feature_norm(feats))
 
-    def positions(self, feats: torch.Tensor) -> torch.Tensor:
-        """Convolutional positional embedding of frame features, ``[B, T, D] -> [B, T, D]``."""
-        return self.conv_pos(feats.transpose(1, 2)).transpose(1, 2)
+    def positions(self, feats: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Convolutional positional embedding of frame features, ``[B, T, D] -> [B, T, D]``.
+
+        ``padding``: optional ``[B, T]`` bool (True = padded frame); those frames enter every block as zeros.
+        """
+        x = feats.transpose(1, 2)  # [B, D, T]
+        if padding is None:
+            return self.conv_pos(x).transpose(1, 2)
+        real = (~padding).unsqueeze(1).to(x.dtype)  # [B, 1, T]
+        for block in self.conv_pos:
+            x = block(x * real)
+        return x.transpose(1, 2)
 
     def forward(
         self, waveform: torch.Tensor, padding_mask: torch.Tensor, keep: torch.Tensor | None = None
@@ -140,10 +155,12 @@ class AudioAdapter(nn.Module):
                 f"audio padding mask has shape {tuple(padding_mask.shape)} but the waveform gives "
                 f"{length - 1} frames, so it must be {(batch, length)}"
             )
+        frame_padding = padding_mask[:, 1:].bool()
         if keep is not None:
             check_keep(keep, length, "audio")
             feats = gather_kept(feats, fill_padding(keep)[:, 1:] - 1)  # frame t sits at position t + 1
-        pos = self.positions(feats)
+            frame_padding = kept_padding_mask(keep)[:, 1:]
+        pos = self.positions(feats, frame_padding if self.batch_invariant else None)
         x = torch.cat([self.cls_token.expand(batch, -1, -1), feats], dim=1)
         x = x + torch.cat([self.cls_pos.expand(batch, -1, -1), pos], dim=1)
         if keep is None:
