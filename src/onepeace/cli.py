@@ -1,5 +1,5 @@
 """Command line: ``onepeace embed | convert | info | pretrain | finetune | checkpoint | data | demo | evaluate | index |
-serve``.
+serve | download``.
 
 Parsing and ``--help`` import nothing heavy; torch and the model are imported by the command that needs them.
 Errors end the run with one line ``onepeace: error: <message>`` on stderr and exit code 2 (``--debug`` shows
@@ -13,7 +13,17 @@ import json
 import sys
 import traceback
 
-from onepeace import cli_checkpoint, cli_data, cli_demo, cli_embed, cli_evaluate, cli_finetune, cli_index, cli_serve
+from onepeace import (
+    cli_checkpoint,
+    cli_data,
+    cli_demo,
+    cli_download,
+    cli_embed,
+    cli_evaluate,
+    cli_finetune,
+    cli_index,
+    cli_serve,
+)
 from onepeace.errors import OnePeaceError
 
 EXIT_ERROR = 2
@@ -116,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_demo.add_parser(sub, [debug])
     cli_index.add_parser(sub, [debug])
     cli_serve.add_parser(sub, [debug])
+    cli_download.add_parser(sub, [debug])
     return parser
 
 
