@@ -16,17 +16,29 @@ from onepeace.variants import VARIANTS, list_variants
 
 
 def read_weights(path: str | Path) -> tuple[OnePeaceConfig, dict[str, torch.Tensor], str]:
-    """Config and tensors (our key names) of a checkpoint, and a short description of its kind."""
+    """Config and tensors (our key names) of a checkpoint, and a short description of its kind.
+
+    ``path`` may also be the name of a released embedding checkpoint (``onepeace download --list``), which is
+    fetched into the cache on first use unless a file or folder of that name exists.
+    """
     from onepeace.checkpoints.native import is_native_dir, read_native
+    from onepeace.hub.releases import is_release
 
     p = Path(path)
+    if is_release(path) and not p.exists():
+        from onepeace.hub import embedding_checkpoint
+
+        p = embedding_checkpoint(str(path))
     if is_native_dir(p):
         cfg, tensors = read_native(p)
         return cfg, tensors, "native"
     if p.is_dir():
         raise CheckpointError(f"{p} is a directory without config.json; expected a onepeace model directory")
     if not p.exists():
-        raise FileNotFoundError(f"no such model file or directory: {p} (known variants: {', '.join(list_variants())})")
+        raise FileNotFoundError(
+            f"no such model file or directory: {p} (known variants: {', '.join(list_variants())}; "
+            "released checkpoints: onepeace download --list)"
+        )
     from onepeace.checkpoints.official import read_official
 
     cfg, tensors, _ = read_official(p)
@@ -46,8 +58,14 @@ def load(
 
     Args:
         path_or_variant: a variant name (see ``onepeace.list_variants()``), an official fairseq ``.pt``
-            checkpoint, or a directory with ``model.safetensors`` + ``config.json``. ``onepeace-small`` loads the
-            weights shipped with the package; the other variants are randomly initialised.
+            checkpoint, a directory with ``model.safetensors`` + ``config.json``, or the name of a released
+            embedding checkpoint: ``"ONE-PEACE"`` (the pretrained 4B model), ``"ONE-PEACE_COCO"``,
+            ``"ONE-PEACE_Flickr30K"`` or ``"ONE-PEACE_AL_Retrieval"`` (``onepeace download --list``). A released
+            name is downloaded on first use into ``ONEPEACE_CACHE`` (default ``~/.cache/onepeace``; a partial
+            download resumes, and only a complete file is used), from ``ONEPEACE_WEIGHTS_URL`` when set (a mirror
+            with the official relative paths); with ``ONEPEACE_OFFLINE=1`` only the cache is read.
+            ``onepeace-small`` loads the weights shipped with the package; the other variants are randomly
+            initialised.
         image_size: input resolution in pixels (multiple of 16); the image position tables are adapted.
         device: where to put the model (default CPU).
         dtype: parameter dtype, e.g. ``torch.bfloat16`` or ``"bf16"`` (default: as stored; float32 for variants
