@@ -19,9 +19,19 @@ def read_weights(path: str | Path) -> tuple[OnePeaceConfig, dict[str, torch.Tens
     """Config and tensors (our key names) of a checkpoint, and a short description of its kind.
 
     ``path`` may also be the name of a released embedding checkpoint (``onepeace download --list``), which is
-    fetched into the cache on first use unless a file or folder of that name exists.
+    fetched into the cache on first use unless a file or folder of that name exists. Tensors of a safetensors
+    file or a zip ``.pt`` view the memory-mapped file.
     """
-    from onepeace.checkpoints.native import is_native_dir, read_native
+    from onepeace.checkpoints.mapped import as_tensor
+
+    cfg, tensors, kind = open_weights(path)
+    return cfg, {k: as_tensor(v) for k, v in tensors.items()}, kind
+
+
+def open_weights(path: str | Path) -> tuple[OnePeaceConfig, dict, str]:
+    """:func:`read_weights` with tensors as :class:`~onepeace.checkpoints.mapped.MappedTensor` handles where the
+    file can be mapped (nothing read yet), so a loader can convert them one at a time."""
+    from onepeace.checkpoints.native import is_native_dir, open_native
     from onepeace.hub.releases import is_release
 
     p = Path(path)
@@ -30,7 +40,7 @@ def read_weights(path: str | Path) -> tuple[OnePeaceConfig, dict[str, torch.Tens
 
         p = embedding_checkpoint(str(path))
     if is_native_dir(p):
-        cfg, tensors = read_native(p)
+        cfg, tensors = open_native(p)
         return cfg, tensors, "native"
     if p.is_dir():
         raise CheckpointError(f"{p} is a directory without config.json; expected a onepeace model directory")
@@ -39,9 +49,9 @@ def read_weights(path: str | Path) -> tuple[OnePeaceConfig, dict[str, torch.Tens
             f"no such model file or directory: {p} (known variants: {', '.join(list_variants())}; "
             "released checkpoints: onepeace download --list)"
         )
-    from onepeace.checkpoints.official import read_official
+    from onepeace.checkpoints.official import open_official
 
-    cfg, tensors, _ = read_official(p)
+    cfg, tensors, _ = open_official(p)
     return cfg, tensors, "official"
 
 
@@ -96,7 +106,7 @@ def load(
         if dtype is not None:
             model = model.to(dtype)
     else:
-        cfg, tensors, kind = read_weights(path_or_variant)
+        cfg, tensors, kind = open_weights(path_or_variant)
         cfg, tensors = change_image_size(_with_batch_invariance(cfg, batch_invariant), tensors, image_size)
         model = build_model(cfg, tensors, f"{kind} checkpoint {path_or_variant}", dtype)
     if device is not None:
@@ -135,18 +145,21 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def convert(source: str | Path, out_dir: str | Path, dtype: torch.dtype | str | None = None) -> Path:
     """Write ``source`` (an official ``.pt`` or a native directory) as a native directory, optionally cast to ``dtype``
-    (e.g. ``"bf16"`` halves the file; :func:`load` reads it back in any dtype)."""
+    (e.g. ``"bf16"`` halves the file; :func:`load` reads it back in any dtype).
+
+    Tensors are read from the memory-mapped source, cast and written one at a time: memory holds one tensor, not
+    the model."""
     from onepeace.checkpoints.native import save_native
-    from onepeace.checkpoints.official import read_official
-    from onepeace.checkpoints.state import build_model
+    from onepeace.checkpoints.official import open_official
+    from onepeace.checkpoints.state import checked_weights
 
     target = _parse_dtype(dtype)
     if Path(source).is_dir():
-        cfg, tensors, _ = read_weights(source)
-        model = build_model(cfg, tensors, f"checkpoint {source}", target)
+        cfg, tensors, _ = open_weights(source)
         meta: dict = {"converted_from": Path(source).name}
+        label = f"checkpoint {source}"
     else:
-        cfg, tensors, report = read_official(source)
-        model = build_model(cfg, tensors, f"official checkpoint {source}", target)
+        cfg, tensors, report = open_official(source)
         meta = {"converted_from": Path(source).name, "ignored_pretraining_keys": len(report.pretrain_only)}
-    return save_native(model, cfg, out_dir, metadata=meta)
+        label = f"official checkpoint {source}"
+    return save_native(checked_weights(cfg, tensors, label), cfg, out_dir, metadata=meta, dtype=target)

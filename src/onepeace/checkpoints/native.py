@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from onepeace.checkpoints.mapped import MappedTensor, as_tensor, open_safetensors, write_safetensors
 from onepeace.config import OnePeaceConfig
 from onepeace.errors import CheckpointError
 
@@ -27,18 +27,23 @@ def is_native_dir(path: str | Path) -> bool:
 
 
 def save_native(
-    model: nn.Module | dict[str, torch.Tensor], cfg: OnePeaceConfig, out_dir: str | Path, metadata: dict | None = None
+    model: nn.Module | Mapping[str, torch.Tensor | MappedTensor],
+    cfg: OnePeaceConfig,
+    out_dir: str | Path,
+    metadata: dict | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write a model's parameters (or a full state dict; contiguous, no buffers) and config to ``out_dir``.
+    """Write a model's parameters (or a state dict of tensors or mapped handles; no buffers) and config to
+    ``out_dir``, floating tensors cast to ``dtype`` when given.
 
-    Each file is written atomically.
+    Tensors are written one at a time (a handle is read, written and freed before the next); each file is written
+    atomically.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = model if isinstance(model, dict) else model.state_dict()
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    state = model if isinstance(model, Mapping) else model.state_dict()
     info = {"format": FORMAT, "config": cfg.to_dict(), **(metadata or {})}
-    _atomic(out / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    _atomic(out / WEIGHTS, lambda tmp: write_safetensors(tmp, state, dtype, metadata={"format": FORMAT}))
     _atomic(out / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
     return out
 
@@ -70,14 +75,16 @@ def read_native_config(path: str | Path) -> OnePeaceConfig:
 
 
 def read_native(path: str | Path) -> tuple[OnePeaceConfig, dict[str, torch.Tensor]]:
-    """Config and memory-mapped tensors of a native checkpoint directory (no pickle involved)."""
+    """Config and tensors of a native checkpoint directory, viewing the memory-mapped file (no pickle involved)."""
+    cfg, tensors = open_native(path)
+    return cfg, {k: as_tensor(v) for k, v in tensors.items()}
+
+
+def open_native(path: str | Path) -> tuple[OnePeaceConfig, dict[str, MappedTensor]]:
+    """Config and :class:`MappedTensor` handles (header read, no tensor data) of a native checkpoint directory."""
     root = Path(path)
     cfg = read_native_config(root)
     weights = root / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{root} has no {WEIGHTS}")
-    try:
-        tensors = load_file(weights)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
-    return cfg, tensors
+    return cfg, open_safetensors(weights)[0]

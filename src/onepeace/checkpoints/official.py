@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import ast
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from onepeace.checkpoints.mapped import MappedTensor, as_tensor
 from onepeace.checkpoints.official_keys import KeyReport, sort_keys
-from onepeace.checkpoints.pickle_io import read_official_checkpoint
+from onepeace.checkpoints.pickle_io import open_official_checkpoint
 from onepeace.config import AudioAdapterConfig, ImageAdapterConfig, OnePeaceConfig, TextAdapterConfig
 from onepeace.errors import CheckpointError
 from onepeace.modality import Modality
@@ -50,8 +52,8 @@ def _modalities(report: KeyReport) -> tuple[Modality, ...]:
     return mods
 
 
-def config_from_official(cfg: dict, state_dict: dict[str, torch.Tensor], report: KeyReport) -> OnePeaceConfig:
-    """Model config of an official checkpoint from its saved ``cfg`` and the shapes of its tensors."""
+def config_from_official(cfg: dict, state_dict: Mapping[str, Any], report: KeyReport) -> OnePeaceConfig:
+    """Model config of an official checkpoint from its saved ``cfg`` and the shapes of its tensors (or handles)."""
     enc = (cfg.get("model") or {}).get("encoder") or {}
     if not enc:
         raise CheckpointError("the checkpoint's cfg has no model.encoder section; is it a ONE-PEACE checkpoint?")
@@ -99,9 +101,15 @@ def read_official(path: str | Path) -> tuple[OnePeaceConfig, dict[str, torch.Ten
 
     Buffers (``rp_bucket``, ``position_idx``, ``version``), pretraining-only keys and a fine-tuned file's
     classification head (read it with :func:`official_head_state`) are left out; an unknown key raises
-    :class:`CheckpointError` naming it.
+    :class:`CheckpointError` naming it. The tensors of a zip archive view the memory-mapped file.
     """
-    state_dict, cfg = read_official_checkpoint(path)
+    config, tensors, report = open_official(path)
+    return config, {k: as_tensor(v) for k, v in tensors.items()}, report
+
+
+def open_official(path: str | Path) -> tuple[OnePeaceConfig, dict[str, torch.Tensor | MappedTensor], KeyReport]:
+    """:func:`read_official` with the tensors of a zip archive as :class:`MappedTensor` handles (nothing read)."""
+    state_dict, cfg = open_official_checkpoint(path)
     report = sort_keys(list(state_dict))
     if report.unknown:
         shown = ", ".join(report.unknown[:10]) + (" ..." if len(report.unknown) > 10 else "")

@@ -6,6 +6,10 @@ with ``torch.load(weights_only=True, mmap=True)`` first. If that refuses a globa
 with a restricted unpickler: tensors are rebuilt, configuration objects become inert stand-ins converted to
 plain data, and any other global is refused before it can run. Every failure raises
 :class:`~onepeace.errors.CheckpointError` naming the file (a missing file included).
+
+:func:`open_official_checkpoint` reads a zip archive's pickle with the restricted unpickler alone and gives each
+tensor as a :class:`~onepeace.checkpoints.mapped.MappedTensor` (where its bytes lie in the mapped file), so a
+loader can convert the weights one tensor at a time.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 
 import torch
 
+from onepeace.checkpoints.mapped import MappedTensor
 from onepeace.errors import CheckpointError
 
 _MAX_LISTED = 20
@@ -245,7 +250,7 @@ def _torch_load(path: Path, kind: str) -> Any:
     return _restricted_load(path, is_zip)
 
 
-def _state_dict_from(payload: Any, path: Path) -> dict[str, torch.Tensor]:
+def _state_dict_from(payload: Any, path: Path) -> dict[str, Any]:
     if not isinstance(payload, Mapping):
         raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a fairseq checkpoint dict")
     if "model" not in payload:
@@ -254,7 +259,7 @@ def _state_dict_from(payload: Any, path: Path) -> dict[str, torch.Tensor]:
     model = payload["model"]
     if not isinstance(model, Mapping):
         raise CheckpointError(f"the 'model' entry of {path} is a {type(model).__name__}, not a state dict")
-    bad = [str(k) for k, v in model.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    bad = [str(k) for k, v in model.items() if not (isinstance(k, str) and isinstance(v, (torch.Tensor, MappedTensor)))]
     if bad:
         raise CheckpointError(f"the 'model' entry of {path} is not a dict of tensors; offending keys: {_listing(bad)}")
     return dict(model)
@@ -269,6 +274,32 @@ def read_official_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
     safetensors file, has no ``model`` dict of tensors, or references a global outside the allowlists.
     """
     path = Path(path)
+    return _checkpoint_from(_torch_load(path, _checkpoint_kind(path)), path)
+
+
+def open_official_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor | MappedTensor], dict]:
+    """:func:`read_official_checkpoint` with the tensors of a zip archive as handles into the mapped file (nothing
+    is read until a handle is loaded). A legacy (non-zip) pickle is read whole, as plain tensors."""
+    path = Path(path)
+    kind = _checkpoint_kind(path)
+    if kind != "zip":
+        return _checkpoint_from(_torch_load(path, kind), path)
+    from onepeace.checkpoints.torch_zip import NotMappable, mapped_load
+
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"cannot read {path}: the zip archive is truncated (no central directory)")
+    try:
+        payload = mapped_load(path)
+    except NotMappable:  # a compressed member: read the archive whole
+        payload = _torch_load(path, kind)
+    except CheckpointError as exc:
+        raise CheckpointError(f"refusing to load {path}: {exc}") from None
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path}: the file is corrupt or truncated ({exc})") from exc
+    return _checkpoint_from(payload, path)
+
+
+def _checkpoint_kind(path: Path) -> str:
     kind = _check_file(path)
     if kind == "safetensors":
         raise CheckpointError(
@@ -276,7 +307,10 @@ def read_official_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
         )
     if kind in ("empty", "unknown"):
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({kind} content, not a zip archive or pickle)")
-    payload = _torch_load(path, kind)
+    return kind
+
+
+def _checkpoint_from(payload: Any, path: Path) -> tuple[dict[str, Any], dict]:
     state_dict = _state_dict_from(payload, path)
     cfg = to_plain(payload.get("cfg"))
     return state_dict, cfg if isinstance(cfg, dict) else {}

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
+from onepeace.checkpoints.mapped import MappedTensor, materialize
 from onepeace.checkpoints.resample import resample_rel_pos_table_2d
 from onepeace.config import OnePeaceConfig
 from onepeace.errors import CheckpointError
 from onepeace.model import OnePeaceModel
+
+#: A checkpoint tensor: loaded, or a handle into a memory-mapped file.
+Weight = torch.Tensor | MappedTensor
 
 #: Keys a checkpoint may lack; the model keeps its initial value (the official loader does the same).
 OPTIONAL_KEYS = frozenset({"logit_scale"})
 
 
 def change_image_size(
-    cfg: OnePeaceConfig, state_dict: dict[str, torch.Tensor], image_size: int | None
-) -> tuple[OnePeaceConfig, dict[str, torch.Tensor]]:
+    cfg: OnePeaceConfig, state_dict: Mapping[str, Weight], image_size: int | None
+) -> tuple[OnePeaceConfig, dict[str, Weight]]:
     """Re-target the image branch to ``image_size`` pixels (spec §2.1, resolution change at load).
 
     The 2-D relative tables are resampled with the geometric-sequence cubic interpolation; absolute positions
@@ -31,11 +37,11 @@ def change_image_size(
     prefix = "adapters.image.rel_pos.tables."
     for key, table in state_dict.items():
         if key.startswith(prefix):
-            out[key] = resample_rel_pos_table_2d(table, new_cfg.image.grid)
+            out[key] = resample_rel_pos_table_2d(materialize(table), new_cfg.image.grid)
     return new_cfg, out
 
 
-def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Weight], source: str) -> list[str]:
     """Compare keys and shapes with ``model``; raise :class:`CheckpointError` naming every problem.
 
     Returns the optional keys that are missing (they keep the model's initial values).
@@ -65,20 +71,34 @@ def _short(items: list[str], limit: int = 8) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def build_model(
-    cfg: OnePeaceConfig, state_dict: dict[str, torch.Tensor], source: str, dtype: torch.dtype | None = None
-) -> OnePeaceModel:
-    """Build a model on the meta device and adopt ``state_dict``'s tensors without an extra copy."""
+def checked_weights(cfg: OnePeaceConfig, state_dict: Mapping[str, Weight], source: str) -> dict[str, Weight]:
+    """``state_dict`` checked against the model of ``cfg`` (built on the meta device), with the initial value of any
+    missing optional key added; nothing is read from mapped handles."""
+    return _checked(cfg, state_dict, source)[1]
+
+
+def _checked(cfg: OnePeaceConfig, state_dict: Mapping[str, Weight], source: str) -> tuple[OnePeaceModel, dict]:
     with torch.device("meta"):
         model = OnePeaceModel(cfg, init=False)
-    missing_optional = check_state_dict(model, state_dict, source)
     tensors = dict(state_dict)
-    for key in missing_optional:
+    for key in check_state_dict(model, state_dict, source):
         if key == "logit_scale":
             tensors[key] = torch.tensor(cfg.logit_scale_init)
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    model.load_state_dict(tensors, strict=True, assign=True)
+    return model, tensors
+
+
+def build_model(
+    cfg: OnePeaceConfig, state_dict: Mapping[str, Weight], source: str, dtype: torch.dtype | None = None
+) -> OnePeaceModel:
+    """Build a model on the meta device and adopt ``state_dict``'s tensors (floating ones cast to ``dtype``).
+
+    A mapped handle is copied into a new tensor of the target dtype and its file pages are dropped before the next
+    one is read, so memory peaks at the built model plus one source tensor; a loaded tensor already in the target
+    dtype is adopted without a copy.
+    """
+    model, tensors = _checked(cfg, state_dict, source)
+    loaded = {key: materialize(tensors.pop(key), dtype) for key in list(tensors)}
+    model.load_state_dict(loaded, strict=True, assign=True)
     return model.eval()
 
 
