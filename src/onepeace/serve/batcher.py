@@ -2,10 +2,9 @@
 
 Request handlers decode their media first (so a corrupt file never reaches the model) and :meth:`Batcher.submit`
 a *job*: one modality and a list of decoded inputs. The worker takes the oldest job, then keeps gathering jobs for
-up to ``max_wait_ms`` milliseconds (or until ``max_batch`` inputs), groups them by modality and bucket key and
-runs one embedding call per group. A bucket key keeps apart inputs that must not share a batch: audio clips of
-different lengths would be zero-padded to the longest, which shifts their embeddings slightly, so the server
-buckets audio by length and every answer is the same as embedding the request alone.
+up to ``max_wait_ms`` milliseconds (or until ``max_batch`` inputs), groups them by modality and runs one
+embedding call per group. The model's embeddings do not depend on the rest of a batch (audio clips of different
+lengths share a batch too), so every answer is the same as embedding the request alone.
 
 The queue holds at most ``max_queue`` jobs; :meth:`Batcher.submit` raises :class:`QueueFull` beyond that, so the
 memory held by waiting requests stays bounded. A job whose future was cancelled (its request timed out) is
@@ -17,7 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,6 @@ class BatcherStopped(RuntimeError):
 class _Job:
     modality: str
     inputs: list[Any]
-    key: Hashable
     future: Future = field(default_factory=Future)
 
 
@@ -104,14 +102,14 @@ class Batcher:
         return self._thread is not None and self._thread.is_alive()
 
     # ------------------------------------------------------------------------------------------- submit
-    def submit(self, modality: str, inputs: Sequence[Any], key: Hashable = None) -> Future:
+    def submit(self, modality: str, inputs: Sequence[Any]) -> Future:
         """Queue one job; the future gives a ``[len(inputs), D]`` array or raises the embedding error.
 
         Raises :class:`QueueFull` when ``max_queue`` jobs are waiting, :class:`BatcherStopped` when not running.
         """
         if not self.running:
             raise BatcherStopped("the embedding worker is not running")
-        job = _Job(modality, list(inputs), key)
+        job = _Job(modality, list(inputs))
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -164,10 +162,10 @@ class Batcher:
             live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
             with self._lock:
                 self._stats.cancelled += len(jobs) - len(live)
-            groups: dict[tuple[str, Hashable], list[_Job]] = {}
+            groups: dict[str, list[_Job]] = {}
             for job in live:
-                groups.setdefault((job.modality, job.key), []).append(job)
-            for (modality, _), group in groups.items():
+                groups.setdefault(job.modality, []).append(job)
+            for modality, group in groups.items():
                 self._run_group(modality, group)
 
     def _call(self, modality: str, inputs: list[Any]) -> np.ndarray:

@@ -1,8 +1,7 @@
 """Request handling of ``POST /v1/embeddings`` and ``POST /v1/search``: body, parsing, decoding, embedding, search.
 
 Each request's media are decoded on a worker thread first (a corrupt file is a 400 before it reaches the model),
-then handed to the batcher as one job per modality (audio: per clip length), and the vectors come back in input
-order.
+then handed to the batcher as one job per modality, and the vectors come back in input order.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import base64
 import io
 import re
 import time
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -137,13 +135,13 @@ def _form_file(value: str | bytes, is_file: bool, name: str) -> bytes:
 
 
 # ----------------------------------------------------------------------------------------------- embedding
-def _decode(state: ServerState, parts: list[Part]) -> tuple[list[tuple[str, Any, Hashable]], int]:
-    """Decoded inputs ``(modality, value, batch key)`` and the usage count; 400 for undecodable media."""
+def _decode(state: ServerState, parts: list[Part]) -> tuple[list[tuple[str, Any]], int]:
+    """Decoded inputs ``(modality, value)`` and the usage count; 400 for undecodable media."""
     from onepeace.data.audio import load_audio
     from onepeace.data.image import load_image
 
     audio_cfg, settings = state.model.cfg.audio, state.settings
-    out: list[tuple[str, Any, Hashable]] = []
+    out: list[tuple[str, Any]] = []
     tokens, pixels = 0, 0
     try:
         texts = [raw for modality, raw, _ in parts if modality == "text"]
@@ -151,7 +149,7 @@ def _decode(state: ServerState, parts: list[Part]) -> tuple[list[tuple[str, Any,
             tokens += int((state.model.tokenize(texts) != TEXT_PAD_ID).sum())
         for modality, raw, label in parts:
             if modality == "text":
-                out.append((modality, raw, None))
+                out.append((modality, raw))
                 continue
             tokens += 1
             if modality == "image":
@@ -162,7 +160,7 @@ def _decode(state: ServerState, parts: list[Part]) -> tuple[list[tuple[str, Any,
                         f"{label}: {width}x{height} pixels is more than the server accepts "
                         f"({settings.max_image_pixels:,} pixels per request)"
                     )
-                out.append((modality, load_image(raw, name=label), None))
+                out.append((modality, load_image(raw, name=label)))
             else:
                 seconds = _audio_seconds(raw, label)
                 if seconds > settings.max_audio_seconds:
@@ -170,9 +168,7 @@ def _decode(state: ServerState, parts: list[Part]) -> tuple[list[tuple[str, Any,
                         f"{label}: {seconds:.1f} s of audio is more than the server accepts "
                         f"({settings.max_audio_seconds:g} s per clip)"
                     )
-                wave = load_audio(raw, target_rate=audio_cfg.sample_rate, name=label)
-                one_second, longest = int(audio_cfg.sample_rate), int(audio_cfg.max_duration * audio_cfg.sample_rate)
-                out.append((modality, wave, min(max(wave.shape[0], one_second), longest)))
+                out.append((modality, load_audio(raw, target_rate=audio_cfg.sample_rate, name=label)))
     except MissingDependencyError as exc:
         raise ApiError(501, str(exc), "not_implemented") from None
     except InputError as exc:
@@ -217,13 +213,13 @@ async def embed_parts(call: Call, parts: list[Part]) -> tuple[np.ndarray, int]:
         if modality not in state.modalities:
             raise ApiError(400, f"{label}: this model does not embed {modality}")
     decoded, tokens = await asyncio.to_thread(_decode, state, parts)
-    groups: dict[tuple[str, Hashable], list[int]] = {}
-    for i, (modality, _, key) in enumerate(decoded):
-        groups.setdefault((modality, key), []).append(i)
+    groups: dict[str, list[int]] = {}
+    for i, (modality, _) in enumerate(decoded):
+        groups.setdefault(modality, []).append(i)
     futures = []
     try:
-        for (modality, key), positions in groups.items():
-            futures.append(state.batcher.submit(modality, [decoded[i][1] for i in positions], key))
+        for modality, positions in groups.items():
+            futures.append(state.batcher.submit(modality, [decoded[i][1] for i in positions]))
     except (QueueFull, BatcherStopped) as exc:
         for fut in futures:
             fut.cancel()
