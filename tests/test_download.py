@@ -311,3 +311,16 @@ def test_cli_a_file_that_cannot_be_written_is_one_line(server: _Server, cache: P
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert run.stderr == f"onepeace: error: cannot write {blocker}/cache/{PRETRAINED}.part: Not a directory\n"
+
+
+def test_a_part_file_locked_by_another_download_is_left_alone(server: _Server, cache: Path):
+    import fcntl
+
+    cache.mkdir(parents=True)
+    with open(cache / (PRETRAINED + ".part"), "ab") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write(b"PK")
+        other.flush()
+        with pytest.raises(hub.DownloadError, match="another process is downloading into .*one-peace.pt.part"):
+            hub.fetch("ONE-PEACE", progress=False)
+    assert server.behaviour.requests == [] and _left(cache) == {PRETRAINED + ".part": 2}
