@@ -17,16 +17,18 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from onepeace.config import AudioAdapterConfig
+from onepeace.data import is_tensor
 from onepeace.errors import InputError, require
 
-AudioInput = str | os.PathLike | bytes | np.ndarray | torch.Tensor
+if TYPE_CHECKING:
+    import torch
+
+    AudioInput = str | os.PathLike | bytes | np.ndarray | torch.Tensor
 
 STANDARDIZE_EPS = 1e-5
 
@@ -51,7 +53,9 @@ def _read_encoded(source: Any, name: str) -> tuple[np.ndarray, float]:
 
 def _from_array(src: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     """User array -> float32 ``[N]`` or channels-last ``[N, C]``."""
-    if isinstance(src, torch.Tensor):
+    if is_tensor(src):
+        import torch
+
         src = src.detach().cpu()
         if src.is_floating_point() and src.dtype != torch.float64:
             src = src.float()  # numpy has no bfloat16
@@ -123,7 +127,7 @@ def load_audio(
         if len(src) == 0:
             raise InputError(f"{label}: audio bytes are empty")
         data, rate = _read_encoded(io.BytesIO(bytes(src)), label)
-    elif isinstance(src, (np.ndarray, torch.Tensor)):
+    elif isinstance(src, np.ndarray) or is_tensor(src):
         label = name or "audio"
         rate = target_rate if sample_rate is None else _check_rate(sample_rate, f"{label}: sample_rate")
         data = _from_array(src, label)
@@ -136,27 +140,39 @@ def load_audio(
     return _resample(wave, rate, target_rate) if rate != target_rate else wave
 
 
-def prepare_waveform(x: np.ndarray, cfg: AudioAdapterConfig, name: str = "waveform") -> np.ndarray:
+def _standardize(wave: np.ndarray, torch_free: bool) -> np.ndarray:
+    """Zero mean, unit biased variance (eps 1e-5) over the whole clip ``[N]``."""
+    if torch_free:  # float64 statistics; within ~1e-6 of the torch layer norm
+        centred = wave.astype(np.float64) - wave.mean(dtype=np.float64)
+        return (centred / np.sqrt(np.mean(centred * centred) + STANDARDIZE_EPS)).astype(np.float32)
+    import torch
+    import torch.nn.functional as F
+
+    feats = torch.from_numpy(wave.copy())
+    return F.layer_norm(feats, feats.shape, eps=STANDARDIZE_EPS).numpy()
+
+
+def prepare_waveform(
+    x: np.ndarray, cfg: AudioAdapterConfig, name: str = "waveform", *, torch_free: bool = False
+) -> np.ndarray:
     """Official per-clip preparation of a mono ``cfg.sample_rate`` waveform ``[N]`` -> float32 ``[N']``.
 
     Order (checked against the official fixture): standardise over the whole clip (zero mean, biased
-    variance, eps 1e-5, ``torch.nn.functional.layer_norm`` in float32), then keep the first
-    ``cfg.max_duration`` seconds, then tile a clip shorter than 1 s and cut it to exactly ``cfg.sample_rate``
-    samples. A silent clip gives zeros.
+    variance, eps 1e-5, ``torch.nn.functional.layer_norm`` in float32, or numpy with ``torch_free``), then keep
+    the first ``cfg.max_duration`` seconds, then tile a clip shorter than 1 s and cut it to exactly
+    ``cfg.sample_rate`` samples. A silent clip gives zeros.
     """
-    arr = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x)
+    arr = np.asarray(x.detach().cpu() if is_tensor(x) else x)
     if arr.ndim != 1:
         raise InputError(f"{name}: expected a 1-D waveform [num_samples], got shape {tuple(arr.shape)}")
-    wave = _to_mono(arr, name)
-    feats = torch.from_numpy(wave.copy())
-    feats = F.layer_norm(feats, feats.shape, eps=STANDARDIZE_EPS)
+    feats = _standardize(_to_mono(arr, name), torch_free)
     max_len = int(cfg.max_duration * cfg.sample_rate)
     if feats.shape[0] > max_len:
         feats = feats[:max_len]
     one_second = int(cfg.sample_rate)
     if feats.shape[0] < one_second:
-        feats = feats.repeat(math.ceil(one_second / feats.shape[0]))[:one_second]
-    return feats.numpy()
+        feats = np.tile(feats, math.ceil(one_second / feats.shape[0]))[:one_second]
+    return feats
 
 
 def collate_audio(waves: Sequence[np.ndarray], cfg: AudioAdapterConfig) -> tuple[torch.FloatTensor, torch.BoolTensor]:
@@ -165,7 +181,15 @@ def collate_audio(waves: Sequence[np.ndarray], cfg: AudioAdapterConfig) -> tuple
     Waveforms are right-padded with 0.0. Row ``i`` of the mask (True = pad) starts with ``T_i + 1`` False
     entries (cls + ``T_i = cfg.num_frames(len_i)`` frames) and is right-padded with True.
     """
-    arrays = [np.asarray(w.detach().cpu() if isinstance(w, torch.Tensor) else w) for w in waves]
+    import torch
+
+    waveform, padding_mask = collate_arrays(waves, cfg)
+    return torch.from_numpy(waveform), torch.from_numpy(padding_mask)
+
+
+def collate_arrays(waves: Sequence[np.ndarray], cfg: AudioAdapterConfig) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`collate_audio` as numpy arrays (float32 ``[B, N_max]``, bool ``[B, T_max + 1]``)."""
+    arrays = [np.asarray(w.detach().cpu() if is_tensor(w) else w) for w in waves]
     if not arrays:
         raise InputError("no audio clips to collate: give at least one")
     frames = []
@@ -181,10 +205,10 @@ def collate_audio(waves: Sequence[np.ndarray], cfg: AudioAdapterConfig) -> tuple
                 f"{cfg.max_rel_positions - 1}; shorten the clip"
             )
         frames.append(num)
-    waveform = torch.zeros(len(arrays), max(a.shape[0] for a in arrays), dtype=torch.float32)
-    padding_mask = torch.ones(len(arrays), max(frames) + 1, dtype=torch.bool)
+    waveform = np.zeros((len(arrays), max(a.shape[0] for a in arrays)), dtype=np.float32)
+    padding_mask = np.ones((len(arrays), max(frames) + 1), dtype=bool)
     for i, (arr, num) in enumerate(zip(arrays, frames, strict=True)):
-        waveform[i, : arr.shape[0]] = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+        waveform[i, : arr.shape[0]] = arr
         padding_mask[i, : num + 1] = False
     return waveform, padding_mask
 
@@ -198,12 +222,26 @@ def preprocess_audio(
     :func:`prepare_waveform` -> :func:`collate_audio`. Errors name the failing clip (its path, or
     ``audio i``). ``cfg`` defaults to :class:`AudioAdapterConfig` ``()``.
     """
+    import torch
+
+    waveform, padding_mask = audio_arrays(clips, cfg, sample_rate)
+    return torch.from_numpy(waveform), torch.from_numpy(padding_mask)
+
+
+def audio_arrays(
+    clips: Sequence[AudioInput],
+    cfg: AudioAdapterConfig | None = None,
+    sample_rate: float | None = None,
+    *,
+    torch_free: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`preprocess_audio` as numpy arrays; ``torch_free`` standardises with numpy (:func:`prepare_waveform`)."""
     cfg = AudioAdapterConfig() if cfg is None else cfg
     if sample_rate is not None:
         _check_rate(sample_rate, "sample_rate")
     if isinstance(clips, (str, os.PathLike, bytes, bytearray)):
         raise TypeError(f"clips must be a sequence of clips (e.g. a list), got a single {type(clips).__name__}")
-    if isinstance(clips, (np.ndarray, torch.Tensor)) and clips.ndim < 2:
+    if (isinstance(clips, np.ndarray) or is_tensor(clips)) and clips.ndim < 2:
         raise TypeError("clips must be a sequence of clips; wrap a single waveform in a list")
     items = list(clips)
     if not items:
@@ -212,5 +250,5 @@ def preprocess_audio(
     for i, clip in enumerate(items):
         label = f"audio {i}"
         wave = load_audio(clip, sample_rate=sample_rate, target_rate=cfg.sample_rate, name=label)
-        waves.append(prepare_waveform(wave, cfg, name=label))
-    return collate_audio(waves, cfg)
+        waves.append(prepare_waveform(wave, cfg, name=label, torch_free=torch_free))
+    return collate_arrays(waves, cfg)

@@ -10,18 +10,21 @@ import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
+from onepeace.data import is_tensor
 from onepeace.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+    ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
-ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
 
 
 def _check_pixels(img: Image.Image, name: str) -> None:
@@ -90,6 +93,8 @@ def _from_array(arr: np.ndarray, name: str) -> Image.Image:
 def _from_tensor(tensor: torch.Tensor, name: str) -> Image.Image:
     if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
         raise InputError(f"{name}: tensor must have shape [3, H, W], got {tuple(tensor.shape)}")
+    import torch
+
     tensor = tensor.detach().cpu()
     if tensor.is_floating_point() and tensor.dtype != torch.float64:
         tensor = tensor.float()
@@ -123,7 +128,7 @@ def load_image(src: ImageInput, name: str | None = None) -> Image.Image:
             raise InputError(f"{label}: PIL image cannot be decoded ({exc})") from exc
     if isinstance(src, np.ndarray):
         return _from_array(src, label)
-    if isinstance(src, torch.Tensor):
+    if is_tensor(src):
         return _from_tensor(src, label)
     raise TypeError(
         f"{label}: unsupported image type {type(src).__name__}; "
@@ -131,18 +136,32 @@ def load_image(src: ImageInput, name: str | None = None) -> Image.Image:
     )
 
 
-def _to_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """RGB PIL image -> ``FloatTensor [3, size, size]``: bicubic resize, /255, CLIP normalisation."""
+def image_array(img: Image.Image, size: int) -> np.ndarray:
+    """RGB PIL image -> float32 ``[3, size, size]``: bicubic resize, /255, CLIP normalisation (float32 steps)."""
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
-    return (pixels.float().div(255) - mean) / std
+    pixels = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+    mean = np.asarray(CLIP_MEAN, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(CLIP_STD, dtype=np.float32).reshape(3, 1, 1)
+    return np.ascontiguousarray((pixels.astype(np.float32) / np.float32(255) - mean) / std)
+
+
+def _to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """RGB PIL image -> ``FloatTensor [3, size, size]`` (:func:`image_array`)."""
+    import torch
+
+    return torch.from_numpy(image_array(img, size))
 
 
 def preprocess_images(images: Sequence[ImageInput], size: int = 256) -> torch.FloatTensor:
-    """Official API image transform on a batch: ``FloatTensor [B, 3, size, size]``.
+    """Official API image transform on a batch: ``FloatTensor [B, 3, size, size]`` (:func:`image_arrays`)."""
+    import torch
+
+    return torch.from_numpy(image_arrays(images, size))
+
+
+def image_arrays(images: Sequence[ImageInput], size: int = 256) -> np.ndarray:
+    """Official API image transform on a batch: float32 ``[B, 3, size, size]``.
 
     Each image is converted to RGB, resized to exactly ``size x size`` (aspect ratio not kept) with
     PIL bicubic, scaled to [0, 1] and normalised with :data:`CLIP_MEAN` / :data:`CLIP_STD`. Errors
@@ -161,5 +180,4 @@ def preprocess_images(images: Sequence[ImageInput], size: int = 256) -> torch.Fl
         raise TypeError(f"images must be a sequence of images, got {type(images).__name__}") from exc
     if not items:
         raise InputError("images is empty: give at least one image")
-    tensors = [_to_tensor(load_image(item, name=f"image {i}"), size) for i, item in enumerate(items)]
-    return torch.stack(tensors)
+    return np.stack([image_array(load_image(item, name=f"image {i}"), size) for i, item in enumerate(items)])

@@ -14,13 +14,17 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
+from onepeace.data import is_tensor
 from onepeace.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 BOS_ID = 0
 PAD_ID = 1
@@ -117,6 +121,8 @@ class Tokenizer:
     @property
     def word_start_table(self) -> torch.BoolTensor:
         """``BoolTensor [vocab_size]``: True where the entry starts a word (see :meth:`is_word_start`)."""
+        import torch
+
         return torch.from_numpy(self._word_start.copy())
 
     # ------------------------------------------------------------------ encoding
@@ -139,11 +145,17 @@ class Tokenizer:
 
         ``n`` is the longest sequence of the batch (eos included, at most ``max_tokens + 1``).
         """
+        import torch
+
+        return torch.from_numpy(self.encode_batch(texts))
+
+    def encode_batch(self, texts: str | Sequence[str]) -> np.ndarray:
+        """What :meth:`__call__` gives, as an int64 numpy array ``[B, n]`` (no torch needed)."""
         batch = [texts] if isinstance(texts, str) else _check_texts(texts)
         rows = [self.encode(text) for text in batch]
-        out = torch.full((len(rows), max(len(r) for r in rows)), PAD_ID, dtype=torch.long)
+        out = np.full((len(rows), max(len(r) for r in rows)), PAD_ID, dtype=np.int64)
         for i, row in enumerate(rows):
-            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            out[i, : len(row)] = row
         return out
 
     @staticmethod
@@ -167,7 +179,7 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ decoding
     def _check_ids(self, ids: Sequence[int] | torch.Tensor) -> np.ndarray:
-        arr = np.asarray(ids.detach().cpu() if isinstance(ids, torch.Tensor) else list(ids))
+        arr = np.asarray(ids.detach().cpu() if is_tensor(ids) else list(ids))
         if arr.ndim != 1:
             raise InputError(f"token ids must be one-dimensional, got shape {tuple(arr.shape)}")
         if arr.size and not np.issubdtype(arr.dtype, np.integer):
