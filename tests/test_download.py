@@ -324,3 +324,48 @@ def test_a_part_file_locked_by_another_download_is_left_alone(server: _Server, c
         with pytest.raises(hub.DownloadError, match="another process is downloading into .*one-peace.pt.part"):
             hub.fetch("ONE-PEACE", progress=False)
     assert server.behaviour.requests == [] and _left(cache) == {PRETRAINED + ".part": 2}
+
+
+def _per_layer(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sd`` with a second relative-position table per modality (released fine-tuned files hold one per layer)."""
+    out = dict(sd)
+    for key in [k for k in sd if k.endswith("rel_pos_table_list.0.weight")]:
+        out[key.replace(".0.weight", ".1.weight")] = sd[key] + 0.01
+    return out
+
+
+def test_a_retrieval_fine_tune_loads_by_name(server: _Server, tmp_path: Path):
+    """Text and image branches only, one table per layer, projections kept: the layout of finetune_coco.pt."""
+    sd = _per_layer({k: v for k, v in official.inference_state_dict().items() if "audio" not in k})
+    file = official.write_official_checkpoint(tmp_path / "coco.pt", sd)
+    server.files["/mirror/one_peace_checkpoints/finetune_coco.pt"] = file.read_bytes()
+    by_name, direct = onepeace.load("ONE-PEACE_COCO"), onepeace.load(file)
+    assert by_name.model.cfg.per_layer_rel_pos and [m.value for m in by_name.model.cfg.modalities] == ["text", "image"]
+    x = official.inputs()
+    with torch.no_grad():
+        assert torch.equal(by_name.encode_text(x["text.tokens"]), direct.encode_text(x["text.tokens"]))
+        assert torch.equal(by_name.encode_image(x["image.pixels"]), direct.encode_image(x["image.pixels"]))
+
+
+def test_a_downloaded_classification_fine_tune_starts_a_task_model(server: _Server, tmp_path: Path):
+    """The audio branch and a classify head, without projections: the layout of finetune_vggsound.pt."""
+    import json
+
+    from onepeace.finetune.build import build_task_model
+    from onepeace.finetune.config import parse_finetune_recipe
+    from onepeace.heads import ClassifyHead
+
+    torch.manual_seed(0)
+    head = ClassifyHead(64, 4, num_classes=5)
+    sd = {k: v for k, v in official.inference_state_dict().items() if "text" not in k and "image" not in k}
+    sd = _per_layer({k: v for k, v in sd.items() if not k.startswith(("audio_proj", "logit_scale"))})
+    sd.update({f"classify_head.{k}": v.clone() for k, v in head.state_dict().items()})
+    server.files["/mirror/one_peace_checkpoints/finetune_vggsound.pt"] = official.write_official_checkpoint(
+        tmp_path / "vgg.pt", sd
+    ).read_bytes()
+    path = hub.fetch("ONE-PEACE_VGGSound", progress=False)
+    overrides = [f"model.init_from={json.dumps(str(path))}", "model.num_classes=5"]
+    task = build_task_model(parse_finetune_recipe("{}", overrides, task="vggsound")).eval()
+    assert torch.equal(task.head.classifier[3].weight, head.classifier[3].weight)
+    tables = task.model.adapters["audio"].rel_pos.tables
+    assert torch.equal(tables[1].weight, sd["encoder_wrapper.audio_adapter.rel_pos_table_list.1.weight"])
