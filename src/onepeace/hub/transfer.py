@@ -58,22 +58,30 @@ def download(url: str, target: Path, *, progress: bool = True, label: str | None
         handle = open(part, "ab")  # noqa: SIM115 (closed below; the lock lives as long as the handle)
     except OSError as exc:
         raise DownloadError(f"cannot write {part}: {exc.strerror or exc}") from None
-    bar = _Bar(label or target.name, progress)
+    bar, locked = _Bar(label or target.name, progress), False
     try:
-        with handle:
+        with handle:  # checked and renamed under the lock, so no other process appends in between
             _lock(handle, part)
+            locked = True
             total = _fetch_with_retries(url, handle, part, bar)
             _flush(handle, part)
-        _check_archive(part, total, url)
-        os.replace(part, target)
+            _check_archive(part, total, url)
+            _rename(part, target)
     except BaseException:
         with contextlib.suppress(OSError):
-            if part.stat().st_size == 0:
+            if locked and part.stat().st_size == 0:  # an empty part file of another process stays
                 part.unlink()
         raise
     finally:
         bar.close()
     return target
+
+
+def _rename(part: Path, target: Path) -> None:
+    try:
+        os.replace(part, target)
+    except OSError as exc:
+        raise DownloadError(f"cannot move {part} to {target}: {exc.strerror or exc}") from None
 
 
 def _fetch_with_retries(url: str, out: IO[bytes], part: Path, bar: _Bar) -> int:
