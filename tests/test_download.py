@@ -242,7 +242,7 @@ def test_load_by_name_then_offline_equals_loading_the_file(server, cache, checkp
 def test_names_that_are_not_embedding_models_are_refused_clearly(server: _Server):
     with pytest.raises(onepeace.errors.CheckpointError) as err:
         onepeace.load("ONE-PEACE_VGGSound")
-    assert "onepeace evaluate vggsound --model FILE" in str(err.value)
+    assert "give the file it prints as the model.init_from of a vggsound fine-tuning recipe" in str(err.value)
     with pytest.raises(ValueError, match="did you mean ONE-PEACE_COCO"):
         hub.fetch("ONE-PEACE_COC")
     with pytest.raises(ValueError, match="ImageNet-1k classification at 384 px.*cannot load it yet"):
@@ -273,7 +273,7 @@ def test_cli_list_and_download(server: _Server, cache: Path, checkpoint_bytes: b
     out = capsys.readouterr().out
     assert re.search(r"^ONE-PEACE\s+onepeace\.load \(embeddings\)\s+one-peace\.pt$", out, re.M)
     assert re.search(
-        r"^ONE-PEACE_VGGSound\s+onepeace evaluate vggsound\s+one_peace_checkpoints/finetune_vgg", out, re.M
+        r"^ONE-PEACE_VGGSound\s+model\.init_from \(vggsound\)\s+one_peace_checkpoints/finetune_vgg", out, re.M
     )
     assert "not loadable by onepeace yet" in out and "one-peace-vision.pkl" in out
     assert main(["download", "ONE-PEACE"]) == 0
@@ -367,3 +367,18 @@ def test_a_downloaded_classification_fine_tune_starts_a_task_model(server: _Serv
     assert torch.equal(task.head.classifier[3].weight, head.classifier[3].weight)
     tables = task.model.adapters["audio"].rel_pos.tables
     assert torch.equal(tables[1].weight, sd["encoder_wrapper.audio_adapter.rel_pos_table_list.1.weight"])
+
+
+def test_a_recipe_starts_from_a_released_name(server: _Server, checkpoint_bytes: bytes, tmp_path: Path):
+    from onepeace.finetune.build import build_task_model
+    from onepeace.finetune.config import parse_finetune_recipe
+
+    task = build_task_model(parse_finetune_recipe("{}", ["model.init_from=ONE-PEACE"], task="coco_retrieval"))
+    assert server.behaviour.requests == [None]
+    direct_file = tmp_path / "direct.pt"
+    direct_file.write_bytes(checkpoint_bytes)
+    expected, got = onepeace.load(direct_file).model.state_dict(), task.model.state_dict()
+    for key in ("adapters.text.token_embed.weight", "projections.image.weight", "encoder.layers.1.attn.q_proj.weight"):
+        assert torch.equal(got[key], expected[key])
+    with pytest.raises(onepeace.errors.CheckpointError, match="its name gives only the backbone"):
+        build_task_model(parse_finetune_recipe("{}", ["model.init_from=ONE-PEACE_VGGSound"], task="vggsound"))

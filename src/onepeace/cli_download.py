@@ -16,7 +16,7 @@ def _listing() -> str:
 
     rows = [("name", "use", "file", "")]
     for release in hub.RELEASES.values():
-        use = "onepeace.load (embeddings)" if release.embed else f"onepeace evaluate {release.tasks[0]}"
+        use = "onepeace.load (embeddings)" if release.embed else f"model.init_from ({release.tasks[0]})"
         state = "in cache" if hub.cached_file(release.name).is_file() else ""
         rows.append((release.name, use, release.path, state))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]

@@ -35,7 +35,7 @@ def open_weights(path: str | Path) -> tuple[OnePeaceConfig, dict, str]:
     from onepeace.hub.releases import is_release
 
     p = Path(path)
-    if is_release(path) and not p.exists():
+    if is_release(str(path)) and not p.exists():  # a name given as a Path too (a recipe's model.init_from)
         from onepeace.hub import embedding_checkpoint
 
         p = embedding_checkpoint(str(path))

@@ -79,8 +79,8 @@ def embedding_checkpoint(name: str) -> Path:
     release: Release = get_release(name)
     if not release.embed:
         raise CheckpointError(
-            f"{name} is a fine-tuned {release.description} model without embedding projections; "
-            f"fetch it with `onepeace download {name}` and pass the file it prints to "
-            f"`onepeace evaluate {release.tasks[0]} --model FILE`"
+            f"{name} is a fine-tuned {release.description} model without embedding projections, and its name "
+            f"gives only the backbone: run `onepeace download {name}` and give the file it prints as the "
+            f"model.init_from of a {release.tasks[0]} fine-tuning recipe"
         )
     return fetch(name)

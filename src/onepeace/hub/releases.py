@@ -2,8 +2,8 @@
 
 ``ONE-PEACE``, ``ONE-PEACE_Grounding`` and ``ONE-PEACE_VGGSound`` are the names of the official inference API; the
 other fine-tuned files are named after their task in the same style. Every entry here is a fairseq ``.pt`` that
-onepeace reads: ``onepeace.load`` for the embedding models (``use == "embed"``), ``onepeace evaluate TASK --model FILE``
-or a fine-tuning recipe's ``model.init_from`` for the task models. :data:`NOT_LOADABLE` lists the released files of
+onepeace reads: ``onepeace.load`` for the embedding models (``embed``), a fine-tuning recipe's ``model.init_from`` for
+the task models (classification, question answering, grounding). :data:`NOT_LOADABLE` lists the released files of
 the separate vision-branch code, whose layout onepeace does not read.
 """
 
@@ -24,7 +24,7 @@ class Release:
         name: the name ``onepeace.load`` and ``onepeace download`` take.
         path: the file's path relative to the base URL, and to the cache folder.
         description: what the file holds.
-        tasks: the ``onepeace evaluate`` tasks the file serves.
+        tasks: the fine-tuning tasks (``onepeace.finetune.tasks.TASKS``) the file was trained for.
         embed: True when the file has the projections and logit scale of an embedding (retrieval) model, so
             ``onepeace.load(name)`` gives a model that embeds; False for a classification or grounding model.
     """
