@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import http.client
 import os
 import re
 import sys
@@ -166,7 +167,7 @@ def _copy(response: Any, out: IO[bytes], part: Path, count: int, bar: _Bar) -> N
             chunk = response.read(min(_CHUNK, count - done))
         except OSError as exc:  # reset, timeout, or a short body the HTTP layer noticed itself
             raise _Cut(str(exc) or type(exc).__name__) from None
-        except Exception as exc:  # http.client.IncompleteRead is an HTTPException, not an OSError
+        except http.client.HTTPException as exc:  # e.g. IncompleteRead of a chunked body, not an OSError
             raise _Cut(type(exc).__name__) from None
         if not chunk:
             raise _Cut(f"the server closed the connection {count - done:,} bytes early")
