@@ -14,6 +14,9 @@ from onepeace.errors import InputError
 from onepeace.modality import Modality
 from onepeace.model import Embeddings, Features, OnePeaceModel
 
+LONG_AUDIO = ("first", "windows")
+"""How :meth:`OnePeace.embed` treats clips longer than the model's ``max_duration``."""
+
 
 class OnePeace(nn.Module):
     """ONE-PEACE with its official preprocessing.
@@ -22,9 +25,11 @@ class OnePeace(nn.Module):
     L2-normalised ``[B, D]`` embeddings; ``embed`` does both; ``forward_features`` exposes hidden states.
     """
 
-    def __init__(self, model: OnePeaceModel) -> None:
+    def __init__(self, model: OnePeaceModel, long_audio: str = "first") -> None:
         super().__init__()
         self.model = model
+        self.long_audio = _check_long_audio(long_audio)
+        """Default of :meth:`embed`'s ``long_audio`` (``"first"`` or ``"windows"``)."""
 
     @property
     def cfg(self) -> OnePeaceConfig:
@@ -118,6 +123,7 @@ class OnePeace(nn.Module):
         *,
         sample_rate: int | None = None,
         batch_size: int = 32,
+        long_audio: str | None = None,
     ) -> Embeddings:
         """Normalised embeddings ``[B, D]`` of raw inputs, computed ``batch_size`` items at a time.
 
@@ -125,7 +131,14 @@ class OnePeace(nn.Module):
         (at ``sample_rate``, default 16 kHz). Each modality runs its own unimodal pass. An item's embedding does not
         depend on the other items of its batch, nor on ``batch_size`` (see ``batch_invariant`` in
         :func:`onepeace.load` for the official batch-dependent audio path).
+
+        ``long_audio`` (default: the model's ``long_audio`` attribute, ``"first"``): ``"first"`` (official) embeds
+        the first ``cfg.audio.max_duration`` seconds of a clip; ``"windows"`` embeds every part of a longer clip in
+        windows of that length (:func:`onepeace.data.audio.audio_windows`) and pools them: the mean of the
+        normalised window embeddings, re-normalised. Clips no longer than one window give the same embedding either
+        way.
         """
+        long_audio = self.long_audio if long_audio is None else _check_long_audio(long_audio)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         out: dict[str, torch.Tensor] = {}
@@ -139,9 +152,12 @@ class OnePeace(nn.Module):
             out["image"] = _batched(_as_list(image), batch_size, lambda b: self.encode_image(self.preprocess_image(b)))
         if audio is not None:
             clips = _as_list(audio)
-            out["audio"] = _batched(
-                clips, batch_size, lambda b: self.encode_audio(*self.preprocess_audio(b, sample_rate))
-            )
+            if long_audio == "windows":
+                out["audio"] = _batched(clips, batch_size, lambda b: self._pooled_windows(b, sample_rate, batch_size))
+            else:
+                out["audio"] = _batched(
+                    clips, batch_size, lambda b: self.encode_audio(*self.preprocess_audio(b, sample_rate))
+                )
         if not out:
             raise InputError("give at least one of text=, image= or audio=")
         return Embeddings(**out)
@@ -163,6 +179,23 @@ class OnePeace(nn.Module):
         return F.normalize(torch.cat(parts).float().mean(0), dim=-1)
 
     # ----------------------------------------------------------------------------------------- helpers
+    def _pooled_windows(self, clips: list[Any], sample_rate: int | None, batch_size: int) -> torch.Tensor:
+        """``[len(clips), D]``: each clip's windows embedded ``batch_size`` at a time, mean-pooled, re-normalised."""
+        from onepeace.data.audio import audio_windows, collate_audio, load_audio
+
+        cfg = self.cfg.audio
+        windows, owner = [], []
+        for i, clip in enumerate(clips):
+            wave = load_audio(clip, sample_rate=sample_rate, target_rate=cfg.sample_rate, name=f"audio {i}")
+            parts = audio_windows(wave, cfg, name=f"audio {i}")
+            windows.extend(parts)
+            owner.extend([i] * len(parts))
+        emb = _batched(windows, batch_size, lambda b: self.encode_audio(*collate_audio(b, cfg))).float()
+        pooled = torch.zeros(len(clips), emb.shape[1], device=emb.device).index_add_(
+            0, torch.tensor(owner, device=emb.device), emb
+        )
+        return F.normalize(pooled, dim=-1).to(emb.dtype)
+
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
@@ -176,6 +209,12 @@ class OnePeace(nn.Module):
                 raise TypeError("audio must be a (waveform [B, N], padding_mask [B, T + 1]) pair")
             audio = (self._to_device(audio[0]), self._to_device(audio[1]))
         return text, image, audio
+
+
+def _check_long_audio(value: str) -> str:
+    if value not in LONG_AUDIO:
+        raise ValueError(f"long_audio must be one of {', '.join(LONG_AUDIO)}, got {value!r}")
+    return value
 
 
 def _batched(items: list[Any], size: int, encode: Callable[[list[Any]], torch.Tensor]) -> torch.Tensor:

@@ -236,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
     npy, jsonl = output_paths(args.out)
     found = collect(args.inputs, args.text or [], args.text_file or [])
     model = load_model(args.model, args.device, args.dtype, args.image_size) if found.items else None
+    if model is not None:
+        model.long_audio = args.long_audio
     vectors, failed = embed_items(model, found.items, args.batch_size, args.quiet, args.debug)
     skipped = found.skipped + failed
     if not vectors:
@@ -251,6 +253,17 @@ def run(args: argparse.Namespace) -> int:
         f"file(s); wrote {npy} [{shape[0]} x {shape[1]}] and {jsonl}"
     )
     return 0
+
+
+def add_long_audio_argument(p: argparse.ArgumentParser) -> None:
+    """``--long-audio first|windows`` (see :meth:`onepeace.OnePeace.embed`)."""
+    p.add_argument(
+        "--long-audio",
+        choices=("first", "windows"),
+        default="first",
+        help="clips longer than the model's maximum (15 s for the released model): embed the first part, as the "
+        "official code does (first, the default), or every window of that length, pooled (windows)",
+    )
 
 
 def _positive(value: str) -> int:
@@ -300,5 +313,6 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
         metavar="PIXELS",
         help="input image side, a multiple of 16 (default: the model's)",
     )
+    add_long_audio_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from onepeace.cli_embed import DEFAULT_MODEL, MODALITY_ORDER, _positive, warn
+from onepeace.cli_embed import DEFAULT_MODEL, MODALITY_ORDER, _positive, add_long_audio_argument, warn
 
 DEFAULT_COMMIT_EVERY = 256
 
@@ -47,6 +47,7 @@ def run_build(args: argparse.Namespace) -> int:
             f"({found.ignored} file(s) of unsupported types ignored)"
         )
     model = cli_embed.load_model(name, args.device, args.dtype, None)
+    model.long_audio = args.long_audio
     report = build_index(
         model,
         found,
@@ -177,6 +178,7 @@ def _add_build(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         help=f"model for a new index (default: {DEFAULT_MODEL}); an existing index keeps the model it was built with",
     )
     p.add_argument("--batch-size", type=_positive, default=16, metavar="N", help="items per batch (default: 16)")
+    add_long_audio_argument(p)
     p.add_argument(
         "--commit-every",
         type=_positive,

@@ -162,13 +162,33 @@ def prepare_waveform(
     the first ``cfg.max_duration`` seconds, then tile a clip shorter than 1 s and cut it to exactly
     ``cfg.sample_rate`` samples. A silent clip gives zeros.
     """
+    return audio_windows(x, cfg, name, torch_free=torch_free)[0]
+
+
+def audio_windows(
+    x: np.ndarray, cfg: AudioAdapterConfig, name: str = "waveform", *, torch_free: bool = False
+) -> list[np.ndarray]:
+    """Every part of a long clip, as windows of ``cfg.max_duration`` seconds: a list of float32 ``[N_w]``.
+
+    The clip is standardised over its whole length as :func:`prepare_waveform` does; a clip no longer than one
+    window gives exactly what :func:`prepare_waveform` gives. A longer clip of ``N`` samples gives
+    ``k = ceil(N / W)`` windows of ``W`` samples whose starts are evenly spaced from 0 to ``N - W`` (rounded down),
+    so the first window is the official one, the last ends at the clip's end, and every sample is in a window.
+    """
     arr = np.asarray(x.detach().cpu() if is_tensor(x) else x)
     if arr.ndim != 1:
         raise InputError(f"{name}: expected a 1-D waveform [num_samples], got shape {tuple(arr.shape)}")
     feats = _standardize(_to_mono(arr, name), torch_free)
-    max_len = int(cfg.max_duration * cfg.sample_rate)
-    if feats.shape[0] > max_len:
-        feats = feats[:max_len]
+    width, total = int(cfg.max_duration * cfg.sample_rate), feats.shape[0]
+    if total <= width:
+        return [_at_least_one_second(feats, cfg)]
+    count = math.ceil(total / width)
+    starts = [(i * (total - width)) // (count - 1) for i in range(count)]
+    return [feats[start : start + width] for start in starts]
+
+
+def _at_least_one_second(feats: np.ndarray, cfg: AudioAdapterConfig) -> np.ndarray:
+    """A clip shorter than one second tiled and cut to exactly ``cfg.sample_rate`` samples (official)."""
     one_second = int(cfg.sample_rate)
     if feats.shape[0] < one_second:
         feats = np.tile(feats, math.ceil(one_second / feats.shape[0]))[:one_second]
