@@ -1,5 +1,5 @@
 """Command line: ``onepeace embed | convert | info | pretrain | finetune | checkpoint | data | demo | evaluate | index |
-serve | download``.
+serve | download | export``.
 
 Parsing and ``--help`` import nothing heavy; torch and the model are imported by the command that needs them.
 Errors end the run with one line ``onepeace: error: <message>`` on stderr and exit code 2 (``--debug`` shows
@@ -20,6 +20,7 @@ from onepeace import (
     cli_download,
     cli_embed,
     cli_evaluate,
+    cli_export,
     cli_finetune,
     cli_index,
     cli_serve,
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_index.add_parser(sub, [debug])
     cli_serve.add_parser(sub, [debug])
     cli_download.add_parser(sub, [debug])
+    cli_export.add_parser(sub, [debug])
     return parser
 
 
