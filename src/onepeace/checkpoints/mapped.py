@@ -25,6 +25,9 @@ from onepeace.errors import CheckpointError
 
 _PAGE = mmap.PAGESIZE
 
+#: Source bytes copied between two page releases when a tensor is loaded.
+CHUNK_BYTES = 32 << 20
+
 #: safetensors dtype codes (https://github.com/huggingface/safetensors, format description).
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -114,12 +117,28 @@ class MappedTensor:
         except RuntimeError as exc:
             raise CheckpointError(f"{self.file.path}: a tensor does not fit its stored data ({exc})") from exc
 
+    def is_contiguous(self) -> bool:
+        return self.stride == tuple(math.prod(self.shape[i + 1 :]) for i in range(len(self.shape)))
+
     def load(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """A new contiguous tensor holding a copy (cast to ``dtype`` when floating); the source pages are dropped."""
+        """A new contiguous tensor holding a copy (cast to ``dtype`` when floating); the source pages are dropped.
+
+        A contiguous tensor is copied ``CHUNK_BYTES`` of source at a time, each chunk's pages dropped before the
+        next is read, so a large tensor never has its whole source resident beside its copy.
+        """
         target = dtype if dtype is not None and self.dtype.is_floating_point else self.dtype
         out = torch.empty(self.shape, dtype=target)
-        out.copy_(self.view())
-        self.file.release(self.start, self.nbytes)
+        source = self.view()
+        if not self.is_contiguous() or source.numel() == 0:
+            out.copy_(source)
+            self.file.release(self.start, self.nbytes)
+            return out
+        flat_in, flat_out, size = source.reshape(-1), out.view(-1), self.element_size()
+        step = max(1, CHUNK_BYTES // size)
+        for first in range(0, flat_in.numel(), step):
+            last = min(flat_in.numel(), first + step)
+            flat_out[first:last].copy_(flat_in[first:last])
+            self.file.release(self.start + (self.offset + first) * size, (last - first) * size)
         return out
 
 

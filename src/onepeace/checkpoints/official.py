@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from onepeace.checkpoints.mapped import MappedTensor, as_tensor
-from onepeace.checkpoints.official_keys import KeyReport, sort_keys
+from onepeace.checkpoints.official_keys import KeyReport, sort_keys, to_official
 from onepeace.checkpoints.pickle_io import open_official_checkpoint
 from onepeace.config import AudioAdapterConfig, ImageAdapterConfig, OnePeaceConfig, TextAdapterConfig
 from onepeace.errors import CheckpointError
@@ -94,6 +94,46 @@ def config_from_official(cfg: dict, state_dict: Mapping[str, Any], report: KeyRe
         image=ImageAdapterConfig(image_size=image_size, pos_grid=pos_grid),
         audio=audio_cfg,
     )
+
+
+def official_cfg(cfg: OnePeaceConfig) -> dict:
+    """The parts of an official checkpoint's ``cfg`` entry that :func:`config_from_official` reads, for ``cfg``.
+
+    With the official tensors of a model of ``cfg`` (:func:`official_state`) it reads back as ``cfg`` (for the
+    fields the official layout records).
+    """
+    audio = cfg.audio
+    spec = " + ".join(f"[{tuple(layer)}]" for layer in audio.feature_layers)
+    encoder = {
+        "embed_dim": cfg.embed_dim,
+        "layers": cfg.layers,
+        "attention_heads": cfg.heads,
+        "ffn_embed_dim": cfg.ffn_dim,
+        "use_layer_scale": cfg.layer_scale_init > 0,
+        "layer_scale_init_value": cfg.layer_scale_init,
+        "text_adapter": {"bucket_size": cfg.text.bucket_size},
+        "image_adapter": {"bucket_size": cfg.image.pos_grid, "rel_bucket_size": cfg.image.grid},
+        "audio_adapter": {
+            "bucket_size": audio.bucket_size,
+            "conv_pos_depth": audio.conv_pos_depth,
+            "conv_pos_width": audio.conv_pos_width,
+            "conv_pos_groups": audio.conv_pos_groups,
+            "feature_encoder_spec": spec,
+        },
+    }
+    return {"model": {"encoder": encoder}, "task": {"patch_image_size": cfg.image.image_size}}
+
+
+def official_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Our state dict (tensors, or anything else per key) under the official key names; raises
+    :class:`CheckpointError` for a key the official layout has no name for."""
+    out = {}
+    for key, value in state_dict.items():
+        official = to_official(key)
+        if official is None:
+            raise CheckpointError(f"{key} has no official name")
+        out[official] = value
+    return out
 
 
 def read_official(path: str | Path) -> tuple[OnePeaceConfig, dict[str, torch.Tensor], KeyReport]:

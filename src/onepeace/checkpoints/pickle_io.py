@@ -217,7 +217,7 @@ def _check_file(path: Path) -> str:
     return _sniff(path)
 
 
-def _restricted_load(path: Path, is_zip: bool) -> Any:
+def _restricted_load(path: Path, is_zip: bool, mapped: bool) -> Any:
     if is_zip:
         with zipfile.ZipFile(path) as archive:
             if any(name.endswith("constants.pkl") for name in archive.namelist()):
@@ -227,7 +227,7 @@ def _restricted_load(path: Path, is_zip: bool) -> Any:
             str(path),
             map_location="cpu",
             weights_only=False,
-            mmap=is_zip,
+            mmap=mapped,
             pickle_module=_restricted_pickle_module(),
         )
     except CheckpointError as exc:
@@ -241,13 +241,19 @@ def _torch_load(path: Path, kind: str) -> Any:
     is_zip = kind == "zip"
     if is_zip and not zipfile.is_zipfile(path):
         raise CheckpointError(f"cannot read {path}: the zip archive is truncated (no central directory)")
+    mapped = is_zip and _all_stored(path)  # torch maps compressed members as if stored: read those whole
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError:
         pass  # a global weights_only does not allow, or damaged data: the restricted reader decides
     except Exception as exc:
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from exc
-    return _restricted_load(path, is_zip)
+    return _restricted_load(path, is_zip, mapped)
+
+
+def _all_stored(path: Path) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist())
 
 
 def _state_dict_from(payload: Any, path: Path) -> dict[str, Any]:
