@@ -108,8 +108,10 @@ def test_composed_queries_run_on_real_media(tmp_path: Path) -> None:
         assert 0.0 <= row["r1"] <= row["r5"] <= row["r10"] == 1.0
 
 
-def test_official_fine_tuned_file_evaluates(tmp_path: Path) -> None:
-    """An official VGGSound-style file (audio branch + classify_head) built from the fixture weights."""
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_official_fine_tuned_file_evaluates(tmp_path: Path, per_layer: bool) -> None:
+    """An official VGGSound-style file (audio branch + classify_head) built from the fixture weights, with one
+    shared relative-position table or, as the released fine-tuned files have, one table per layer."""
     from onepeace.finetune.build import read_start
     from onepeace.heads import ClassifyHead
 
@@ -118,6 +120,9 @@ def test_official_fine_tuned_file_evaluates(tmp_path: Path) -> None:
     sd = {k: v for k, v in official.inference_state_dict().items() if "text" not in k and "image" not in k}
     sd = {k: v for k, v in sd.items() if not k.startswith(("audio_proj", "logit_scale"))}
     sd.update({f"classify_head.{k}": v.clone() for k, v in head.state_dict().items()})
+    if per_layer:
+        shared = "encoder_wrapper.audio_adapter.rel_pos_table_list.0.weight"
+        sd[shared.replace(".0.", ".1.")] = sd[shared] + 0.25
     path = official.write_official_checkpoint(tmp_path / "vggsound.pt", sd)
     _, weights = read_start(str(path))
     assert torch.equal(weights["head.classifier.3.weight"], head.classifier[3].weight)

@@ -79,8 +79,7 @@ def run_task_evaluation(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.model} was fine-tuned for {task.spec.name}, not {cfg.task}")
         image_size = task.model.cfg.image.image_size
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=image_size))
-    else:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, per_layer_rel_pos=False))
+    else:  # one table per layer (the fine-tuning layout) holds a shared table too: it is copied to every layer
         task = build_task_model(cfg).to(device)
     if task.head is not None:  # the head decides the width of the targets
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=task_classes(task)))
