@@ -174,20 +174,55 @@ def child(args: argparse.Namespace) -> dict:
     return out
 
 
-def run_child(kind: str, path: Path, dtype: str, args: argparse.Namespace, embed: list[str], out: Path | None) -> dict:
+def run_child(
+    kind: str, path: Path, dtype: str, args: argparse.Namespace, embed: list[str], out: Path | None, need: int
+) -> dict:
+    """One measurement in a fresh process, started once ``need`` bytes of memory are available."""
     cmd = [sys.executable, __file__, "--child", kind, "--path", str(path), "--dtype", dtype]
     cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats), "--embed", ",".join(embed) or "none"]
     if out is not None:
         cmd += ["--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    short = _wait_for_memory(need, args.wait)
+    if short:
+        return {"error": short}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     if proc.returncode != 0:
-        raise SystemExit(f"{kind} {dtype} failed:\n{proc.stderr[-3000:]}")
+        why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return {"error": f"the process failed ({why}; MemAvailable {_available() / 2**30:.1f} GiB after)"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _available() -> int:
+    """MemAvailable of /proc/meminfo in bytes (0 when unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _wait_for_memory(need: int, wait: float) -> str | None:
+    """None once ``need`` bytes are available (the machine may be shared), else why the run is skipped."""
+    deadline = time.monotonic() + wait
+    while _available() and _available() < need:
+        if time.monotonic() > deadline:
+            return f"skipped: needs {need / 2**30:.1f} GiB, {_available() / 2**30:.1f} GiB available after {wait:.0f} s"
+        time.sleep(5)
+    return None
 
 
 def _mb(kb: int) -> float:
     return kb / 1024
+
+
+HEADER = (
+    "| run | seconds | weight GB | baseline GiB | peak GiB | (peak - baseline) / weights"
+    " | image s min/med/max | 10 s clip s | text s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
 
 
 def _row(name: str, r: dict, weights: int | None = None) -> str:
@@ -218,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--embed-dtypes", default=None, help="dtypes whose loads also embed (default: all)")
     parser.add_argument("--repeats", type=int, default=1, help="embeddings timed per modality")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--wait", type=float, default=600, help="seconds to wait for enough free memory per run")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and converted folders")
     parser.add_argument("--reuse", action="store_true", help="use SCRATCH's checkpoint when present (from --keep)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -235,6 +271,10 @@ def main(argv: list[str] | None = None) -> None:
     _measure(args)
 
 
+#: Bytes per parameter a load in each dtype needs at its peak (int8 conservatively counted as an fp32 load).
+_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "int8": 4}
+
+
 def _measure(args: argparse.Namespace) -> None:
     cfg = model_config(args.variant, args.layers)
     created = not args.scratch.exists()
@@ -242,25 +282,29 @@ def _measure(args: argparse.Namespace) -> None:
     path = args.scratch / CHECKPOINT
     embed = [m for m in args.embed.split(",") if m]
     embed_dtypes = args.dtypes if args.embed_dtypes is None else args.embed_dtypes
-    results: dict = {"variant": args.variant, "layers": cfg.layers, "threads": args.threads, "runs": {}}
+    params = _parameters(cfg)
+    results: dict = {"variant": args.variant, "layers": cfg.layers, "params": params, "threads": args.threads}
+    runs: dict = results.setdefault("runs", {})
     try:
         start = time.perf_counter()
         if args.reuse and path.is_file():
             results["checkpoint_bytes"] = path.stat().st_size
         else:
             results["checkpoint_bytes"] = write_checkpoint(path, cfg)
-        results["write_seconds"] = time.perf_counter() - start
-        print(f"wrote {path} ({results['checkpoint_bytes'] / 1e9:.2f} GB) in {results['write_seconds']:.0f} s")
+            results["write_seconds"] = time.perf_counter() - start
+        print(f"checkpoint {path}: {results['checkpoint_bytes'] / 1e9:.2f} GB", flush=True)
+        print(HEADER, flush=True)
         for dtype in [d for d in args.dtypes.split(",") if d]:
             mods = embed if dtype in embed_dtypes.split(",") else []
-            results["runs"][f"load {dtype}"] = r = run_child("load", path, dtype, args, mods, None)
+            need = params * _BYTES.get(dtype, 4) + (1 << 30)
+            runs[f"load {dtype}"] = r = run_child("load", path, dtype, args, mods, None, need)
             print(_row(f"load {dtype}", r), flush=True)
         for dtype in [d for d in args.convert.split(",") if d]:
             out = args.scratch / f"native-{dtype}"
-            results["runs"][f"convert {dtype}"] = r = run_child("convert", path, dtype, args, [], out)
-            weights = results["runs"].get(f"load {dtype}", {}).get("weight_bytes")
-            print(_row(f"convert {dtype}", r, weights), flush=True)
-            results["runs"][f"load native {dtype}"] = r = run_child("load", out, dtype, args, [], None)
+            runs[f"convert {dtype}"] = r = run_child("convert", path, dtype, args, [], out, 1 << 30)
+            print(_row(f"convert {dtype}", r, params * _BYTES.get(dtype, 4)), flush=True)
+            need = params * _BYTES.get(dtype, 4) + (1 << 30)
+            runs[f"load native {dtype}"] = r = run_child("load", out, dtype, args, [], None, need)
             print(_row(f"load native {dtype}", r), flush=True)
     finally:
         if not args.keep:
@@ -269,8 +313,17 @@ def _measure(args: argparse.Namespace) -> None:
                 shutil.rmtree(out, ignore_errors=True)
             if created and not any(args.scratch.iterdir()):
                 args.scratch.rmdir()
-    if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        if args.json is not None:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _parameters(cfg) -> int:
+    import torch
+
+    from onepeace.model import OnePeaceModel
+
+    with torch.device("meta"):
+        return sum(t.numel() for t in OnePeaceModel(cfg, init=False).state_dict().values())
 
 
 if __name__ == "__main__":
