@@ -211,6 +211,7 @@ def load_model(name: str, device: str | None, dtype: str | None, image_size: int
 
     import onepeace
     from onepeace.pretrained import SHIPPED
+    from onepeace.quantize import check_int8_device, is_int8_dtype
     from onepeace.variants import VARIANTS
 
     if device is not None:
@@ -218,6 +219,8 @@ def load_model(name: str, device: str | None, dtype: str | None, image_size: int
             torch.device(device)
         except RuntimeError as exc:
             raise ValueError(f"cannot use device {device!r}: {' '.join(str(exc).split())}") from None
+        if dtype is not None and is_int8_dtype(dtype):
+            check_int8_device(device)  # before the load, which may take minutes
     model = onepeace.load(name, image_size=image_size, dtype=dtype)
     if name in VARIANTS and name not in SHIPPED:  # onepeace.load warns about a shipped variant without its weights
         warn(f"{name} is a randomly initialised variant: its embeddings carry no meaning")
@@ -306,7 +309,7 @@ def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--batch-size", type=_positive, default=16, metavar="N", help="items per batch (default: 16)")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
-    p.add_argument("--dtype", help="parameter dtype: float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--dtype", help="parameter dtype: float32, bfloat16, float16 or int8 (CPU only; default: as stored)")
     p.add_argument(
         "--image-size",
         type=_positive,

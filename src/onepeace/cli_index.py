@@ -219,7 +219,7 @@ def _add_search(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
-    p.add_argument("--dtype", help="parameter dtype: float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--dtype", help="parameter dtype: float32, bfloat16, float16 or int8 (CPU only; default: as stored)")
 
 
 def add_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:

@@ -79,7 +79,8 @@ def load(
         image_size: input resolution in pixels (multiple of 16); the image position tables are adapted.
         device: where to put the model (default CPU).
         dtype: parameter dtype, e.g. ``torch.bfloat16`` or ``"bf16"`` (default: as stored; float32 for variants
-            and shipped weights).
+            and shipped weights). ``"int8"`` gives a CPU inference model whose Linear layers are dynamically
+            quantised to int8 (:mod:`onepeace.quantize`); it refuses a non-CPU ``device``.
         pretrained: False gives a randomly initialised model even for a variant that ships weights.
         batch_invariant: False reproduces the official audio path, where a clip's embedding depends on the longer
             clips of its batch (zero padding reaches its last frames through the positional convolutions); True makes
@@ -87,8 +88,12 @@ def load(
     """
     from onepeace.checkpoints.state import build_model, change_image_size
     from onepeace.pretrained import SHIPPED, shipped_weights
+    from onepeace.quantize import check_int8_device, is_int8_dtype, quantize_int8
 
-    dtype = _parse_dtype(dtype)
+    int8 = is_int8_dtype(dtype)
+    if int8:
+        check_int8_device(device)
+    dtype = torch.float32 if int8 else _parse_dtype(dtype)
     wants_shipped = pretrained and isinstance(path_or_variant, str) and path_or_variant in SHIPPED
     shipped = shipped_weights(path_or_variant) if wants_shipped else None
     if wants_shipped and shipped is None:
@@ -111,7 +116,7 @@ def load(
         model = build_model(cfg, tensors, f"{kind} checkpoint {path_or_variant}", dtype)
     if device is not None:
         model = model.to(device)
-    return OnePeace(model).eval()
+    return quantize_int8(OnePeace(model), inplace=True) if int8 else OnePeace(model).eval()
 
 
 def _with_batch_invariance(cfg: OnePeaceConfig, batch_invariant: bool | None) -> OnePeaceConfig:
@@ -140,7 +145,15 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     try:
         return _DTYPES[str(dtype).lower().removeprefix("torch.")]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of: {', '.join(sorted(_DTYPES))}") from None
+        from onepeace.quantize import is_int8_dtype
+
+        if is_int8_dtype(dtype):
+            raise ValueError(
+                "int8 is applied when a model is loaded (onepeace.load(..., dtype='int8')), not stored; "
+                "store float32 or bf16"
+            ) from None
+        names = ", ".join(sorted(_DTYPES))
+        raise ValueError(f"unknown dtype {dtype!r}; use one of: {names} (onepeace.load also takes int8)") from None
 
 
 def convert(source: str | Path, out_dir: str | Path, dtype: torch.dtype | str | None = None) -> Path:

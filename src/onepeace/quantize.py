@@ -1,0 +1,120 @@
+"""int8 inference on CPU: the Linear layers of a loaded model become dynamically quantised int8 layers.
+
+``onepeace.load(..., dtype="int8")`` calls :func:`quantize_int8`. It uses PyTorch's own dynamic quantisation
+(``torch.ao.quantization.quantize_dynamic``): int8 weights with one scale per output channel, stored once, and
+activations quantised per call from their observed range; the matrix products run in int8 (fbgemm / oneDNN on x86,
+QNNPACK on ARM) and their outputs come back in float32. Every ``nn.Linear`` is converted except those named in
+:data:`FP32_LINEARS`: the attention projections and the GeGLU feed-forward networks (gate, linear and output of each
+modality's branch) of every fusion layer, and the audio adapter's frame projection. Everything else stays float32:
+embeddings, LayerNorms (including the Sub-LN norms inside attention and the FFNs), the relative-position tables,
+the image stem and audio feature convolutions, and the per-modality projection heads (kept in float32 because they
+are a negligible share of the compute and the last layer before the normalised embedding).
+
+The model code (:mod:`onepeace.model`) is not changed; the conversion swaps modules from outside. The result is for
+inference only: it lives on the CPU, stays in eval mode, and none of its tensors require gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from onepeace.api import OnePeace
+
+INT8_NAMES = ("int8", "qint8")
+"""Spellings of ``dtype`` that ask :func:`onepeace.load` for the int8 model (``torch.int8`` is accepted too)."""
+
+FP32_LINEARS = re.compile(r"(^|\.)projections\.")
+"""Names of Linear layers that stay float32: the projection heads (``model.projections.<modality>``)."""
+
+# The two warnings PyTorch emits while converting (torch.ao.quantization and the quantized tensor constructors are
+# marked deprecated in favour of torchao, whose CPU int8 path is slower than this one without torch.compile).
+_CONVERSION_WARNINGS = (
+    (DeprecationWarning, r"torch\.ao\.quantization is deprecated"),
+    (UserWarning, r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor creation"),
+)
+
+
+def is_int8_dtype(dtype: Any) -> bool:
+    """True when ``dtype`` (a string or ``torch.int8``) asks for the int8 model."""
+    if isinstance(dtype, torch.dtype):
+        return dtype in (torch.int8, torch.qint8)
+    return isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in INT8_NAMES
+
+
+class Int8OnePeace(OnePeace):
+    """A :class:`~onepeace.api.OnePeace` whose Linear layers are dynamically quantised int8 (CPU, inference only).
+
+    Embeddings and hidden states come out in float32 with the same shapes as the float model's. ``train()``,
+    ``to(<non-CPU device>)``, ``cuda()`` and casts to another dtype raise ``ValueError``.
+    """
+
+    def train(self, mode: bool = True) -> Int8OnePeace:
+        if mode:
+            raise ValueError(
+                "an int8 model is for inference only and cannot be trained; load it in float32 for training"
+            )
+        return super().train(False)
+
+    def to(self, *args: Any, **kwargs: Any) -> Int8OnePeace:
+        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError(_cpu_only(device))
+        if dtype is not None and dtype != torch.float32:
+            raise ValueError(f"an int8 model cannot be cast to {dtype}; load it with that dtype instead")
+        return self
+
+    def cuda(self, device: Any = None) -> Int8OnePeace:
+        raise ValueError(_cpu_only("cuda"))
+
+
+def _cpu_only(device: Any) -> str:
+    return f"int8 runs on the CPU only, not on {device}; use dtype float32 or bf16 on that device"
+
+
+def check_int8_device(device: str | torch.device | None) -> None:
+    """Raise ``ValueError`` unless ``device`` is None or a CPU device."""
+    if device is not None and torch.device(device).type != "cpu":
+        raise ValueError(_cpu_only(device))
+
+
+def quantize_int8(model: OnePeace, *, inplace: bool = False) -> Int8OnePeace:
+    """An inference-only int8 version of a float ``model`` on the CPU.
+
+    Args:
+        model: a loaded float model (float32, bf16 or fp16 parameters; bf16/fp16 are widened to float32 first).
+        inplace: convert ``model``'s own network (no copy, for a model nothing else uses); by default ``model`` is
+            left unchanged.
+
+    Raises:
+        ValueError: the model is not on the CPU, or this PyTorch has no int8 CPU engine.
+    """
+    check_int8_device(model.device)
+    if torch.backends.quantized.engine == "none":
+        raise ValueError("this PyTorch build has no int8 CPU engine (torch.backends.quantized); use float32")
+    network = model.model
+    if not inplace:
+        network = copy.deepcopy(network)
+    network.float().eval()
+    targets = {name for name, m in network.named_modules() if type(m) is nn.Linear and not FP32_LINEARS.search(name)}
+    with warnings.catch_warnings():
+        for category, message in _CONVERSION_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        config = torch.ao.quantization.per_channel_dynamic_qconfig
+        torch.ao.quantization.quantize_dynamic(
+            network, {name: config for name in targets}, dtype=torch.qint8, inplace=True
+        )
+    network.requires_grad_(False)
+    return Int8OnePeace(network).eval()
+
+
+def int8_linears(model: nn.Module) -> dict[str, type[nn.Module]]:
+    """Module name -> type of every Linear layer of ``model``, float or int8 (for reports and tests)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    return {name: type(m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, DynamicLinear))}
