@@ -11,29 +11,18 @@ Install the extra with ``pip install 'onepeace[onnx]'``. See docs/onnx.md.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
+
+from onepeace.onnx.manifest import Manifest, read_manifest
+from onepeace.onnx.quantize import quantize_export
+from onepeace.onnx.runtime import OnnxEmbeddings, OnnxModel
 
 __all__ = ["Manifest", "OnnxEmbeddings", "OnnxModel", "export_onnx", "quantize_export", "read_manifest"]
 
-_LAZY = {
-    "OnnxModel": "onepeace.onnx.runtime",
-    "OnnxEmbeddings": "onepeace.onnx.runtime",
-    "Manifest": "onepeace.onnx.manifest",
-    "read_manifest": "onepeace.onnx.manifest",
-    "export_onnx": "onepeace.onnx.export",
-    "quantize_export": "onepeace.onnx.quantize",
-}
 
-if TYPE_CHECKING:
-    from onepeace.onnx.export import export_onnx
-    from onepeace.onnx.manifest import Manifest, read_manifest
-    from onepeace.onnx.quantize import quantize_export
-    from onepeace.onnx.runtime import OnnxEmbeddings, OnnxModel
+def export_onnx(source: Any, out_dir: str | Path, **options: Any) -> Manifest:
+    """:func:`onepeace.onnx.export.export_onnx` (imported on call: it needs torch)."""
+    from onepeace.onnx.export import export_onnx as export
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'onepeace.onnx' has no attribute {name!r}")
+    return export(source, out_dir, **options)

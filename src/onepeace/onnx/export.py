@@ -150,8 +150,12 @@ def export_encoder(model: nn.Module, modality: Modality, path: Path, opset: int 
         external_data=big,
         verbose=False,
     )
-    _name_dims(onnx_program.model_proto, {**_DIM_NAMES, OUTPUT: ("batch", None)})
     onnx_program.save(str(path), external_data=big)
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    _name_dims(proto, {**_DIM_NAMES, OUTPUT: ("batch", None)})
+    onnx.save(proto, str(path))
     return path
 
 
@@ -185,8 +189,12 @@ def export_onnx(
     require("onnxscript", "onnx")
     if check:
         require("onnxruntime", "onnx")
-    wrapper = source if isinstance(source, nn.Module) else onepeace.load(source, image_size=image_size)
-    model = getattr(wrapper, "model", wrapper).float().eval()
+    if isinstance(source, nn.Module):
+        model = getattr(source, "model", source).eval()
+        if model.logit_scale.dtype != torch.float32:
+            raise ValueError(f"export needs a float32 model, this one is {model.logit_scale.dtype}; load it in fp32")
+    else:
+        model = onepeace.load(source, image_size=image_size, dtype="float32").model
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a directory")
