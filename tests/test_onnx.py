@@ -37,7 +37,7 @@ def _write_media(folder: Path) -> tuple[list[Path], list[Path]]:
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
         images.append(path)
     clips = []
-    for i, (seconds, rate) in enumerate([(0.6, 16000), (2.3, 16000), (1.4, 44100), (3.1, 22050)]):
+    for i, (seconds, rate) in enumerate([(0.6, 16000), (2.3, 16000), (1.4, 44100), (3.1, 22050), (9.5, 16000)]):
         t = np.arange(int(seconds * rate)) / rate
         wave = 0.3 * np.sin(2 * np.pi * (220 + 110 * i) * t) + 0.05 * rng.standard_normal(t.shape)
         path = folder / f"clip{i}.wav"
@@ -237,7 +237,8 @@ def test_runtime_embeds_raw_files_like_eager_without_torch(
         f"m = OnnxModel({str(small_export)!r}, threads=1)\n"
         f"e = m.embed(text={TEXTS!r}, image={[str(p) for p in images]!r}, audio={[str(p) for p in clips]!r},"
         " batch_size=3)\n"
-        f"np.savez({str(tmp_path / 'out.npz')!r}, text=e.text, image=e.image, audio=e.audio)\n"
+        f"w = m.embed(audio={[str(p) for p in clips]!r}, batch_size=2, long_audio='windows')\n"
+        f"np.savez({str(tmp_path / 'out.npz')!r}, text=e.text, image=e.image, audio=e.audio, windows=w.audio)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=ENV)
@@ -248,6 +249,10 @@ def test_runtime_embeds_raw_files_like_eager_without_torch(
         expected = getattr(eager, modality).numpy()
         assert got[modality].shape == expected.shape
         assert np.abs(got[modality] - expected).max() <= TOLERANCE, modality
+    windows = onepeace.load("onepeace-small").embed(audio=clips, batch_size=2, long_audio="windows").audio.numpy()
+    assert np.abs(got["windows"] - windows).max() <= TOLERANCE  # the 9.5 s clip is pooled over 3 windows of 4 s
+    assert np.abs(got["windows"][:4] - got["audio"][:4]).max() <= TOLERANCE  # shorter clips: one window
+    assert np.abs(got["windows"][4] - got["audio"][4]).max() > 0.01
 
 
 @pytest.mark.slow

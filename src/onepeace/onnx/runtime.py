@@ -128,10 +128,18 @@ class OnnxModel:
         *,
         sample_rate: float | None = None,
         batch_size: int = 32,
+        long_audio: str = "first",
     ) -> OnnxEmbeddings:
-        """Normalised embeddings ``[B, D]`` of raw inputs, ``batch_size`` items per run (like ``OnePeace.embed``)."""
+        """Normalised embeddings ``[B, D]`` of raw inputs, ``batch_size`` items per run (like ``OnePeace.embed``).
+
+        ``long_audio``: ``"first"`` (official) embeds the first ``max_duration`` seconds of a clip; ``"windows"``
+        embeds every part of a longer clip in windows of that length and pools them (the mean of the normalised
+        window embeddings, re-normalised), as ``OnePeace.embed(long_audio="windows")`` does.
+        """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        if long_audio not in ("first", "windows"):
+            raise InputError(f"long_audio must be 'first' or 'windows', got {long_audio!r}")
         out: dict[str, np.ndarray] = {}
         if text is not None:
             texts = _as_list(text)
@@ -143,13 +151,33 @@ class OnnxModel:
             encode_images = lambda b: self.encode("image", pixels=self.preprocess_image(b))  # noqa: E731
             out["image"] = _batched(_as_list(image), batch_size, encode_images)
         if audio is not None:
-            encode_audio = lambda b: self.encode(  # noqa: E731
-                "audio", **dict(zip(INPUTS[Modality.AUDIO], self.preprocess_audio(b, sample_rate)))
-            )
+            if long_audio == "windows":
+                encode_audio = lambda b: self._pooled_windows(b, sample_rate, batch_size)  # noqa: E731
+            else:
+                encode_audio = lambda b: self._encode_waves(self.preprocess_audio(b, sample_rate))  # noqa: E731
             out["audio"] = _batched(_as_list(audio), batch_size, encode_audio)
         if not out:
             raise InputError("give at least one of text=, image= or audio=")
         return OnnxEmbeddings(**out)
+
+    def _encode_waves(self, batch: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return self.encode("audio", **dict(zip(INPUTS[Modality.AUDIO], batch)))
+
+    def _pooled_windows(self, clips: list[Any], sample_rate: float | None, batch_size: int) -> np.ndarray:
+        """``[len(clips), D]``: each clip's windows embedded ``batch_size`` at a time, mean-pooled, re-normalised."""
+        from onepeace.data.audio import audio_windows, collate_arrays, load_audio
+
+        cfg = self.config.audio
+        windows, owner = [], []
+        for i, clip in enumerate(clips):
+            wave = load_audio(clip, sample_rate=sample_rate, target_rate=cfg.sample_rate, name=f"audio {i}")
+            parts = audio_windows(wave, cfg, name=f"audio {i}", torch_free=True)
+            windows.extend(parts)
+            owner.extend([i] * len(parts))
+        emb = _batched(windows, batch_size, lambda b: self._encode_waves(collate_arrays(b, cfg)))
+        pooled = np.zeros((len(clips), emb.shape[1]), dtype=np.float32)
+        np.add.at(pooled, np.asarray(owner), emb)
+        return pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
 def _batched(items: list[Any], size: int, encode: Callable[[list[Any]], np.ndarray]) -> np.ndarray:
