@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from onepeace.config import OnePeaceConfig
+from onepeace.data import as_list as _as_list
+from onepeace.data import batched
 from onepeace.errors import InputError
 from onepeace.modality import Modality
 from onepeace.model import Embeddings, Features, OnePeaceModel
@@ -219,19 +221,4 @@ def _check_long_audio(value: str) -> str:
 
 def _batched(items: list[Any], size: int, encode: Callable[[list[Any]], torch.Tensor]) -> torch.Tensor:
     """``encode`` over consecutive chunks of ``items``, concatenated: ``[len(items), D]``."""
-    if not items:
-        raise InputError("nothing to embed: the input list is empty")
-    return torch.cat([encode(items[i : i + size]) for i in range(0, len(items), size)])
-
-
-def _as_list(items: Any) -> list[Any]:
-    """A single input (a string, path, bytes, PIL image or 1-D array) becomes a one-item list."""
-    import os
-
-    if isinstance(items, (str, bytes, bytearray, os.PathLike)):
-        return [items]
-    if hasattr(items, "shape") and len(items.shape) <= 1:
-        return [items]
-    if type(items).__module__.startswith("PIL."):
-        return [items]
-    return list(items)
+    return batched(items, size, encode, torch.cat)

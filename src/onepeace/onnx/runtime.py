@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from onepeace.data import as_list as _as_list
+from onepeace.data import batched
 from onepeace.errors import InputError, require
 from onepeace.modality import Modality
 from onepeace.onnx.manifest import INPUTS, Manifest, read_manifest
@@ -182,17 +184,4 @@ class OnnxModel:
 
 def _batched(items: list[Any], size: int, encode: Callable[[list[Any]], np.ndarray]) -> np.ndarray:
     """``encode`` over consecutive chunks of ``items``, concatenated: ``[len(items), D]``."""
-    if not items:
-        raise InputError("nothing to embed: the input list is empty")
-    return np.concatenate([encode(items[i : i + size]) for i in range(0, len(items), size)])
-
-
-def _as_list(items: Any) -> list[Any]:
-    """A single input (a string, path, bytes, PIL image or 1-D array) becomes a one-item list."""
-    if isinstance(items, (str, bytes, bytearray, os.PathLike)):
-        return [items]
-    if isinstance(items, np.ndarray) and items.ndim <= 1:
-        return [items]
-    if type(items).__module__.startswith("PIL."):
-        return [items]
-    return list(items)
+    return batched(items, size, encode, np.concatenate)
