@@ -1,26 +1,35 @@
-"""Encoding throughput of a ONE-PEACE variant on CPU, in fp32 and in bf16 autocast.
+"""Encoding throughput of a ONE-PEACE variant on CPU: eager fp32, bf16 autocast, compiled, int8 and onnxruntime.
 
-For each modality the script builds one random batch of model-ready inputs, runs ``warmup`` untimed
-passes and then ``repeats`` timed passes of ``encode_<modality>`` under ``torch.inference_mode``, and
-reports the min / median / max of the per-repeat throughput. It also counts the model FLOPs of one fp32
-forward with ``torch.utils.flop_counter.FlopCounterMode`` (matmul and convolution FLOPs, counted as
-2 * multiply-accumulates) and turns the median throughput into achieved GFLOP/s.
+For each modality the script builds one random batch of model-ready inputs and times ``encode_<modality>`` under
+``torch.inference_mode`` along each requested path: ``fp32`` (eager), ``bf16`` (eager under bf16 autocast),
+``compiled`` (fp32 with every fusion block compiled by inductor, as training compiles them), ``int8`` (the model of
+``onepeace.load(..., dtype="int8")``) and ``onnxruntime`` (the encoders exported by ``onepeace.onnx`` and run by
+onnxruntime with the same thread count). Each path gets ``warmup`` untimed passes, then the timed passes alternate
+path by path, so machine noise reaches every path alike. The script reports the min / median / max of the per-pass
+throughput, the ratio of each median to the eager fp32 median of the same run, and the lowest cosine over the batch
+between each path's embeddings and eager fp32's. It also counts the model FLOPs of one fp32 forward with
+``torch.utils.flop_counter.FlopCounterMode`` (matmul and convolution FLOPs, counted as 2 * multiply-accumulates) and
+turns the median throughput into achieved GFLOP/s.
 
 Example::
 
-    python benchmarks/encode.py --threads 2 --json encode.json
+    python benchmarks/encode.py --threads 2 --precisions fp32 compiled int8 onnxruntime --json encode.json
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import copy
 import datetime
 import json
 import math
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -33,17 +42,23 @@ from torch.utils.flop_counter import FlopCounterMode
 import onepeace
 
 MODALITIES = ("image", "audio", "text")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "compiled", "int8", "onnxruntime")
 EOS_ID = 2
 TOKEN_RANGE = (4, 50000)
 UNITS = {"image": "images/s", "audio": "audio s/s", "text": "texts/s"}
 
 Inputs = tuple[torch.Tensor, ...]
+Engine = Callable[[str, Inputs], torch.Tensor]
+"""Encodes one model-ready batch of a modality (its name, then the inputs) into ``[B, D]`` embeddings."""
 
 
 @dataclass
 class Row:
-    """One measured (modality, precision) pair; throughputs are in ``unit`` (items per second)."""
+    """One measured (modality, precision) pair; throughputs are in ``unit`` (items per second).
+
+    ``cosine``: lowest cosine over the batch between this path's embeddings and eager fp32's (1 for fp32 itself);
+    ``warmup_s``: seconds of the untimed passes (a compiled path compiles there).
+    """
 
     modality: str
     precision: str
@@ -51,6 +66,8 @@ class Row:
     unit: str
     per_second: list[float]
     gflop_per_item: float
+    cosine: float = 1.0
+    warmup_s: float = 0.0
 
     @property
     def median(self) -> float:
@@ -73,7 +90,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed passes before the timed ones")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--modalities", nargs="+", choices=MODALITIES, default=list(MODALITIES))
-    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    p.add_argument(
+        "--precisions", nargs="+", choices=PRECISIONS, default=["fp32", "bf16"], help="paths to time (fp32 always runs)"
+    )
     p.add_argument("--image-batch", type=int, default=8, help="images per pass")
     p.add_argument("--audio-batch", type=int, default=1, help="audio clips per pass")
     p.add_argument("--text-batch", type=int, default=32, help="texts per pass")
@@ -87,6 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0 or args.audio_seconds <= 0:
         p.error("--warmup must be >= 0 and --audio-seconds > 0")
+    args.precisions = ["fp32"] + [name for name in dict.fromkeys(args.precisions) if name != "fp32"]
     return args
 
 
@@ -120,25 +140,99 @@ def encoder(model: onepeace.OnePeace, modality: str) -> Callable[..., torch.Tens
 
 
 def precision_context(precision: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast for ``"bf16"``, nothing for ``"fp32"``."""
+    """bf16 autocast for ``"bf16"``, nothing otherwise."""
     if precision == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
+def eager_engine(model: onepeace.OnePeace, precision: str = "fp32") -> Engine:
+    """Run ``encode_<modality>`` of ``model`` (under bf16 autocast for ``"bf16"``)."""
+
+    def run(modality: str, inputs: Inputs) -> torch.Tensor:
+        with precision_context(precision):
+            return encoder(model, modality)(*inputs)
+
+    return run
+
+
+def compiled_engine(model: onepeace.OnePeace, args: argparse.Namespace) -> Engine:
+    """A copy of ``model`` whose fusion blocks are compiled (``onepeace.train.compile.compile_blocks``)."""
+    from onepeace.train.compile import compile_blocks
+
+    twin = copy.deepcopy(model)
+    compile_blocks(twin)
+    return eager_engine(twin)
+
+
+def int8_engine(model: onepeace.OnePeace, args: argparse.Namespace) -> Engine:
+    """The int8 model ``onepeace.load(..., dtype="int8")`` gives, converted from ``model``."""
+    from onepeace.quantize import quantize_int8
+
+    return eager_engine(quantize_int8(model))
+
+
+def onnx_engine(model: onepeace.OnePeace, args: argparse.Namespace) -> Engine | None:
+    """``model``'s encoders exported to a temporary folder and run by onnxruntime; None if that is not installed."""
+    try:
+        from onepeace.modality import Modality
+        from onepeace.onnx import OnnxModel, export_onnx
+        from onepeace.onnx.manifest import INPUTS
+    except ImportError as exc:
+        log(f"onnxruntime: row skipped ({exc})")
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="onepeace-encode-onnx-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    start = time.perf_counter()
+    try:
+        export_onnx(model, folder, check=False)
+    except ImportError as exc:
+        log(f"onnxruntime: row skipped ({exc})")
+        return None
+    log(f"onnxruntime: exported the encoders in {time.perf_counter() - start:.0f} s")
+    session = OnnxModel(folder, threads=torch.get_num_threads())
+
+    def run(modality: str, inputs: Inputs) -> torch.Tensor:
+        arrays = {name: t.numpy() for name, t in zip(INPUTS[Modality(modality)], inputs, strict=True)}
+        return torch.from_numpy(session.encode(modality, **arrays))
+
+    return run
+
+
+def build_engines(model: onepeace.OnePeace, args: argparse.Namespace) -> dict[str, Engine]:
+    """One engine per requested path, in the order given; a path whose dependency is missing is left out."""
+    builders = {"compiled": compiled_engine, "int8": int8_engine, "onnxruntime": onnx_engine}
+    engines: dict[str, Engine] = {}
+    for name in args.precisions:
+        engine = builders[name](model, args) if name in builders else eager_engine(model, name)
+        if engine is not None:
+            engines[name] = engine
+    return engines
+
+
 def measure(
-    fn: Callable[..., torch.Tensor], inputs: Inputs, precision: str, warmup: int, repeats: int, units: float
-) -> list[float]:
-    """Per-repeat throughput (``units`` per batch / wall seconds) after ``warmup`` untimed passes."""
-    out: list[float] = []
-    with torch.inference_mode(), precision_context(precision):
-        for _ in range(warmup):
-            fn(*inputs)
-        for _ in range(repeats):
+    engines: dict[str, Engine], modality: str, inputs: Inputs, args: argparse.Namespace, units: float
+) -> tuple[dict[str, list[float]], dict[str, float], dict[str, torch.Tensor]]:
+    """Per-pass throughputs (``units`` per batch / wall seconds), the seconds of the warmup passes, the last outputs.
+
+    Every engine first runs ``args.warmup`` untimed passes (a compiled engine compiles there); then the
+    ``args.repeats`` timed passes alternate engine by engine.
+    """
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    warmup_s: dict[str, float] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        for name, run in engines.items():
             start = time.perf_counter()
-            fn(*inputs)
-            out.append(units / (time.perf_counter() - start))
-    return out
+            for _ in range(args.warmup):
+                run(modality, inputs)
+            warmup_s[name] = time.perf_counter() - start
+        for _ in range(args.repeats):
+            for name, run in engines.items():
+                start = time.perf_counter()
+                outputs[name] = run(modality, inputs)
+                rates[name].append(units / (time.perf_counter() - start))
+    return rates, warmup_s, outputs
 
 
 def sdpa_cpu_flops(q: Sequence[int], k: Sequence[int], v: Sequence[int], *args: Any, **kwargs: Any) -> int:
@@ -207,24 +301,19 @@ def environment_line(env: dict[str, str]) -> str:
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """Markdown table of the rows; the bf16/fp32 ratio is median bf16 over median fp32 throughput."""
+    """Markdown table of the rows; the speed ratio is a path's median throughput over eager fp32's (same run)."""
     fp32 = {r.modality: r.median for r in rows if r.precision == "fp32"}
     head = (
-        "| modality | precision | batch | items/s min | items/s median | items/s max | unit "
-        "| GFLOP/item | achieved GFLOP/s (median) | bf16/fp32 speed |"
+        "| modality | path | batch | items/s min | items/s median | items/s max | unit "
+        "| GFLOP/item | achieved GFLOP/s (median) | speed / eager fp32 | cosine to fp32 (min) |"
     )
-    lines = [head, "|" + "---|" * 3 + "---:|" * 3 + "---|" + "---:|" * 3]
+    lines = [head, "|" + "---|" * 3 + "---:|" * 3 + "---|" + "---:|" * 4]
     for r in rows:
-        if r.precision == "fp32":
-            ratio = "1.00"
-        elif r.modality in fp32:
-            ratio = f"{r.median / fp32[r.modality]:.2f}"
-        else:
-            ratio = "n/a"
+        ratio = f"{r.median / fp32[r.modality]:.2f}" if r.modality in fp32 else "n/a"
         lines.append(
             f"| {r.modality} | {r.precision} | {r.batch} | {fmt_number(min(r.per_second))} "
             f"| {fmt_number(r.median)} | {fmt_number(max(r.per_second))} | {r.unit} "
-            f"| {fmt_number(r.gflop_per_item)} | {fmt_number(r.achieved_gflops)} | {ratio} |"
+            f"| {fmt_number(r.gflop_per_item)} | {fmt_number(r.achieved_gflops)} | {ratio} | {r.cosine:.5f} |"
         )
     return "\n".join(lines)
 
@@ -238,19 +327,23 @@ def fmt_number(value: float) -> str:
     return f"{value:.{decimals}f}"
 
 
-def run_modality(model: onepeace.OnePeace, modality: str, args: argparse.Namespace) -> list[Row]:
-    """Count FLOPs (batch of one, fp32) and time every requested precision for one modality."""
+def run_modality(
+    model: onepeace.OnePeace, engines: dict[str, Engine], modality: str, args: argparse.Namespace
+) -> list[Row]:
+    """Count FLOPs (batch of one, eager fp32) and time every engine on one modality's batch."""
     batch = getattr(args, f"{modality}_batch")
     units = items_per_sample(modality, args)
-    fn = encoder(model, modality)
-    flops = count_flops(fn, make_inputs(model, modality, 1, args))
+    flops = count_flops(encoder(model, modality), make_inputs(model, modality, 1, args))
     gflop_per_item = flops / units / 1e9
     inputs = make_inputs(model, modality, batch, args)
+    log(f"{modality}: batch {batch}, {args.warmup} warmup + {args.repeats} timed passes of {', '.join(engines)}")
+    rates, warmup_s, outputs = measure(engines, modality, inputs, args, batch * units)
+    reference = outputs["fp32"].float()
     rows = []
-    for precision in args.precisions:
-        log(f"{modality} {precision}: batch {batch}, {args.warmup} warmup + {args.repeats} timed passes")
-        per_second = measure(fn, inputs, precision, args.warmup, args.repeats, batch * units)
-        rows.append(Row(modality, precision, batch, UNITS[modality], per_second, gflop_per_item))
+    for name in engines:
+        cosine = torch.nn.functional.cosine_similarity(outputs[name].float(), reference, dim=-1).min().item()
+        log(f"{modality} {name}: warmup {warmup_s[name]:.1f} s, median {statistics.median(rates[name]):.3g}")
+        rows.append(Row(modality, name, batch, UNITS[modality], rates[name], gflop_per_item, cosine, warmup_s[name]))
     return rows
 
 
@@ -262,21 +355,23 @@ def log(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table and the environment line, optionally write JSON."""
     args = parse_args(argv)
+    started = time.perf_counter()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model = onepeace.load(args.variant)
+    engines = build_engines(model, args)
     rows: list[Row] = []
     for modality in args.modalities:
-        rows.extend(run_modality(model, modality, args))
+        rows.extend(run_modality(model, engines, modality, args))
     env = environment()
     print(format_table(rows))
     print()
     print(f"Environment: {environment_line(env)}")
     audio = f"; audio items are seconds of {args.audio_seconds:g}-s clips" if "audio" in args.modalities else ""
     print(
-        f"Variant {args.variant}; {args.warmup} warmup + {args.repeats} timed passes per row; "
+        f"Variant {args.variant}; {args.warmup} warmup + {args.repeats} timed passes per row, alternating paths; "
         f"text {args.text_tokens} tokens incl. eos{audio}. FLOPs: one fp32 forward, matmul/conv/attention "
-        "FLOPs counted as 2 * MACs."
+        f"FLOPs counted as 2 * MACs. Wall time: {(time.perf_counter() - started) / 60:.1f} min."
     )
     if args.json is not None:
         record = {
