@@ -5,6 +5,9 @@ into GPT-2 ids; each GPT-2 id is mapped to its index in the fairseq dictionary `
 (index = 4 + line number, after the specials ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3);
 the first ``max_tokens`` (70) indices are kept and eos (2) is appended. No bos is added. Batches
 are right-padded with 1. The data files ship inside the package.
+
+Long texts are cut before the BPE runs (:meth:`Tokenizer.bounded_text`), so a text of megabytes costs as much as
+one of a few thousand characters and gives the same ids.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ NUM_SPECIALS = 4
 SPECIAL_SYMBOLS = ("<s>", "<pad>", "</s>", "<unk>")
 MAX_TOKENS = 70
 WORD_START_MARK = "\u0120"  # 'Ġ', the byte-level symbol of the space byte
+LONGEST_TOKEN_BYTES = 128
+"""Bytes of the longest GPT-2 token (so ``n`` bytes of a word give at least ``n / 128`` tokens)."""
+CUT_MARGIN_BYTES = 1024
+"""Text kept beyond the bytes the kept tokens can span, when a cut falls inside one long word."""
 
 _LEADING_PUNCTUATION = ",.!?*#:;~"
 _WHITESPACE_RUN = re.compile(r"\s{2,}")
@@ -127,10 +134,35 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ encoding
     def bpe_ids(self, text: str) -> list[int]:
-        """Raw GPT-2 ids of ``" " + text.lower()`` (before dictionary lookup and truncation)."""
+        """Raw GPT-2 ids of the whole ``" " + text.lower()`` (before dictionary lookup and truncation; not cut)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         return self._bpe.encode(" " + text.lower(), add_special_tokens=False).ids
+
+    def bounded_text(self, text: str) -> str:
+        """The prefix of a BPE input (``" " + text.lower()``) that is tokenised instead of the whole.
+
+        The GPT-2 pre-tokeniser splits the input into pieces (words, number runs, punctuation runs, spaces) and the
+        BPE never merges across pieces, each of which gives at least one token and at least ``bytes / 128``. Pieces
+        before a cut keep their boundaries (a piece depends only on the characters up to its end), so a cut after
+        pieces that give ``max_tokens`` tokens keeps the first ``max_tokens`` ids exactly. When a single long word
+        comes first, the cut falls inside it, ``max_tokens * 128 + 1024`` characters after its start: the kept
+        tokens span at most ``max_tokens * 128`` bytes, followed by at least 1024 bytes of the same word, which is
+        the one assumption (BPE merges do not reach 1 KB back; checked on random texts in the tests). The input
+        kept is at most ``2 * (max_tokens * 128 + 1024)`` characters.
+        """
+        window = self.max_tokens * LONGEST_TOKEN_BYTES + CUT_MARGIN_BYTES
+        if len(text) <= 2 * window:
+            return text
+        pieces = self._bpe.pre_tokenizer.pre_tokenize_str(text[: 2 * window])
+        tokens = 0
+        for piece, (_, end) in pieces[:-1]:  # the last piece may continue past the prefix
+            tokens += -(-len(piece) // LONGEST_TOKEN_BYTES)  # byte-level symbols: one per byte
+            if tokens >= self.max_tokens:
+                return text[:end]
+        # pieces before the last give fewer than max_tokens tokens, so they span fewer than 128 * max_tokens
+        # characters: the last piece starts before ``window`` and reaches the prefix's end, ``window`` further
+        return text[: pieces[-1][1][0] + window]
 
     def _finish(self, gpt2_ids: Sequence[int]) -> list[int]:
         ids = self._gpt2_to_dict[np.asarray(gpt2_ids, dtype=np.int64)][: self.max_tokens]
@@ -138,7 +170,10 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Dictionary ids of one string, as the official API makes them: up to ``max_tokens``, then eos."""
-        return self._finish(self.bpe_ids(text))
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        bounded = self.bounded_text(" " + text.lower())
+        return self._finish(self._bpe.encode(bounded, add_special_tokens=False).ids)
 
     def __call__(self, texts: str | Sequence[str]) -> torch.LongTensor:
         """Tokenise one string or a batch: ``LongTensor [B, n]``, right-padded with ``pad_id`` (1).

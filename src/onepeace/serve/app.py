@@ -5,11 +5,16 @@ returns a FastAPI app. Routes: ``POST /v1/embeddings``, ``POST /v1/search``, ``G
 ``GET /v1/items/{id}/media``, ``GET /healthz``, ``GET /metrics``, ``GET /`` (the search page) and ``/static/*``.
 
 Limits: a body larger than ``max_body_bytes`` is refused with 413 from its ``Content-Length`` before any of it is
-read (a body without a length is counted while it streams in); more than ``max_concurrency`` requests in flight,
-or a full batching queue, give 503; a request not answered within ``timeout_s`` gives 504 (408 while its body is
-still arriving). Memory stays bounded: at most ``max_concurrency`` requests are in flight, each holding one body
-(``max_body_bytes``) and its decoded media (``max_image_pixels`` RGB pixels, clips of ``max_audio_seconds``, both
-checked from the file headers before decoding); the batching queue only holds jobs of those requests. Errors are
+kept (a body without a length is counted while it streams in); a body must arrive within ``body_timeout_s``, else
+408. Only then does the request take one of ``max_concurrency`` slots (``/healthz``, ``/metrics``, items, media and
+the page take none), waiting for one while at most ``max_waiting`` others wait, else 503; a full batching queue
+also gives 503, and a request not answered within ``timeout_s`` of getting its slot gives 504. Memory stays
+bounded: at most ``max_concurrency + max_waiting`` requests hold a complete body (``max_body_bytes``), only the
+``max_concurrency`` running ones their decoded media (``max_image_pixels`` RGB pixels, clips of
+``max_audio_seconds`` and ``max_audio_samples`` samples over all channels, checked from the file headers before
+decoding), and texts are cut before tokenisation; the batching queue only holds jobs of running requests. A
+request still sending its body holds what has arrived (at most ``max_body_bytes``) and no slot. See
+:mod:`onepeace.serve.guard` for the host, API key and origin checks. Errors are
 ``{"error": {"message": ..., "type": ...}}``.
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,19 +37,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from onepeace.serve import handlers
 from onepeace.serve.batcher import Batcher
+from onepeace.serve.guard import Gate, Slots
+from onepeace.serve.media import MEDIA_TYPES, MediaChecker
 from onepeace.serve.schemas import ApiError, Health
 
 log = logging.getLogger("onepeace.serve")
 STATIC_DIR = Path(__file__).parent / "static"
-MEDIA_TYPES = {
-    ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp",
-    ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff", ".wav": "audio/wav", ".flac": "audio/flac",
-    ".ogg": "audio/ogg", ".oga": "audio/ogg", ".mp3": "audio/mpeg",
-}  # fmt: skip
+ITEM_ID = re.compile(r"[0-9]{1,18}")
 PAGE_CSP = "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; object-src 'none'"
 
 
@@ -53,18 +56,33 @@ class ServeSettings:
 
     max_body_bytes: int = 10 * 1024 * 1024
     timeout_s: float = 30.0
+    """Longest a request may run once its body is in and it has a slot; then 504."""
+    body_timeout_s: float = 10.0
+    """Longest a request body may take to arrive; then 408 (slow senders hold no slot meanwhile)."""
+    drain_bytes: int = 64 * 1024 * 1024
+    """Most body bytes read and dropped before an early answer (413, 415, ...), so that the client reads it."""
     max_k: int = 100
     default_k: int = 10
     max_image_pixels: int = 16_000_000
     """Most image pixels one request may decode (all its images together)."""
     max_audio_seconds: float = 120.0
     """Longest clip accepted, read from the file header before decoding (the model uses the first 15 s)."""
+    max_audio_samples: int = 48_000 * 2 * 120
+    """Most audio samples (frames x channels, all clips of a request) decoded: 120 s of 48 kHz stereo."""
     max_inputs: int = 256
     max_batch: int = 32
     batch_wait_ms: float = 5.0
     max_queue: int = 256
     max_concurrency: int = 32
-    """Most requests in flight; each holds at most one body and its decoded media, so memory stays bounded."""
+    """Most requests running at once (their body in); each holds one body and its decoded media."""
+    max_waiting: int = 64
+    """Most requests with a complete body waiting for a slot; beyond that, 503."""
+    api_key: str | None = None
+    """If set, ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer API_KEY``."""
+    allowed_hosts: tuple[str, ...] | None = None
+    """Host header values accepted (``"*"``: any); default localhost names and the address the client reached."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins (``https://app.example``) allowed to call the API from a browser page; others cannot POST."""
     model: str | None = None
     """Model name or path to load when ``create_app`` gets none (default: the model the index was built with)."""
 
@@ -76,7 +94,6 @@ class Metrics:
         self.started = time.monotonic()
         self.by_route: dict[str, dict[str, int]] = {}
         self.seconds: dict[str, float] = {}
-        self.in_flight = 0
 
     def record(self, route: str, status: int, seconds: float) -> None:
         counts = self.by_route.setdefault(route, {})
@@ -93,7 +110,6 @@ class Metrics:
             "requests": {route: dict(sorted(c.items())) for route, c in sorted(self.by_route.items())},
             "mean_latency_ms": {r: round(1000 * self.seconds[r] / n, 3) for r, n in sorted(total.items()) if n},
             "errors": {"client_4xx": client, "server_5xx": server},
-            "in_flight": self.in_flight,
         }
 
 
@@ -117,6 +133,8 @@ class ServerState:
             max_queue=settings.max_queue,
         )  # fmt: skip
         self.metrics = Metrics()
+        self.slots = Slots(settings.max_concurrency, settings.max_waiting)
+        self.media = MediaChecker()
         got = self.embed_batch("text", ["a photo"]).shape[-1]  # warm-up, and the dimension check
         if got != self.dim:
             raise ValueError(f"the model gives {got}-d embeddings but the index holds {self.dim}-d vectors")
@@ -135,12 +153,13 @@ class ServerState:
         """Run ``fn(*args)`` on the index thread (the index may hold a connection tied to its thread)."""
         return await asyncio.wrap_future(self.index_thread.submit(fn, *args))
 
-    def media_path(self, info: Any) -> Path | None:
-        """The indexed file of an image/audio item, if it is still on disk with a known media suffix."""
+    async def media_path(self, info: Any) -> Path | None:
+        """The indexed file of an image/audio item, if it is still the file that was indexed (see ``media``)."""
         source = Path(_field(info, "source"))
         candidates = [source] if source.is_absolute() else [self.index_dir / source, Path.cwd() / source]
+        digest = str(_field(info, "content_hash"))
         for path in candidates:
-            if path.suffix.lower() in MEDIA_TYPES and path.is_file():
+            if await asyncio.to_thread(self.media.is_indexed_file, path, digest):
                 return path
         return None
 
@@ -162,66 +181,6 @@ def _open_index(index_path: Any) -> tuple[Any, Path, str, int, int]:
         folder = Path(index_path)
         index = EmbeddingIndex.open(folder)
     return index, folder if folder.is_dir() else folder.parent, str(index.model_name), int(index.dim), len(index)
-
-
-def _route_name(app: FastAPI, scope: dict) -> str:
-    for route in app.router.routes:
-        match, _ = route.matches(scope)
-        if match == Match.FULL:
-            return f"{scope['method']} {getattr(route, 'path', '?')}"
-    return "other"
-
-
-class _Gate:
-    """ASGI middleware: counts every answer, refuses oversized bodies (413) and overload (503) up front."""
-
-    def __init__(self, app: Any, fastapi_app: FastAPI) -> None:
-        self.app = app
-        self.fastapi_app = fastapi_app
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        state: ServerState = self.fastapi_app.state.serve
-        started, status = time.monotonic(), [500]
-
-        async def counting_send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            refusal = _refusal(scope, state)
-            if refusal is not None:
-                response = JSONResponse(refusal.body(), refusal.status, headers=refusal.headers)
-                await response(scope, receive, counting_send)
-                return
-            state.metrics.in_flight += 1
-            try:
-                await self.app(scope, receive, counting_send)
-            finally:
-                state.metrics.in_flight -= 1
-        finally:
-            state.metrics.record(_route_name(self.fastapi_app, scope), status[0], time.monotonic() - started)
-
-
-def _refusal(scope: dict, state: ServerState) -> ApiError | None:
-    """The error to answer without running the request, or None."""
-    headers = dict(scope.get("headers") or [])
-    length = headers.get(b"content-length")
-    limit = state.settings.max_body_bytes
-    if length is not None:
-        if not length.strip().isdigit():
-            return ApiError(400, "Content-Length is not a number", "invalid_request_error")
-        if int(length) > limit:
-            return ApiError(
-                413, f"the request body ({int(length):,} bytes) is larger than the limit of {limit:,} bytes",
-                "request_too_large", headers={"Connection": "close"},
-            )  # fmt: skip
-    if state.metrics.in_flight >= state.settings.max_concurrency:
-        return ApiError(503, "the server is busy; retry shortly", "overloaded", headers={"Retry-After": "1"})
-    return None
 
 
 def _error_response(exc: ApiError) -> JSONResponse:
@@ -253,16 +212,22 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 async def _with_deadline(state: ServerState, request: Request, work: Callable[[handlers.Call], Awaitable[Any]]) -> Any:
-    """Run ``work`` under the per-request timeout: 408 if the body was still arriving, 504 otherwise."""
+    """Read the body (408 past ``body_timeout_s``), then run ``work`` holding a slot (504 past ``timeout_s``)."""
     call = handlers.Call(state, request)
+    handlers.content_kind(request)
+    settings = state.settings
     try:
-        return await asyncio.wait_for(work(call), state.settings.timeout_s)
+        await asyncio.wait_for(handlers.read_body(call), settings.body_timeout_s)
     except TimeoutError:
-        if not call.body_read:
-            raise ApiError(
-                408, f"the request body did not arrive within {state.settings.timeout_s} s", "timeout"
-            ) from None
-        raise ApiError(504, f"the request took longer than {state.settings.timeout_s} s", "timeout") from None
+        raise ApiError(
+            408, f"the request body did not arrive within {settings.body_timeout_s:g} s", "timeout",
+            headers={"Connection": "close"},
+        ) from None  # fmt: skip
+    async with state.slots.hold(settings.timeout_s):
+        try:
+            return await asyncio.wait_for(work(call), settings.timeout_s)
+        except TimeoutError:
+            raise ApiError(504, f"the request took longer than {settings.timeout_s:g} s", "timeout") from None
 
 
 def create_app(index_path: Any, model: Any = None, settings: ServeSettings | None = None) -> FastAPI:
@@ -276,6 +241,7 @@ def create_app(index_path: Any, model: Any = None, settings: ServeSettings | Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.slots.reset()
         state.batcher.start()
         try:
             yield
@@ -284,7 +250,7 @@ def create_app(index_path: Any, model: Any = None, settings: ServeSettings | Non
 
     app = FastAPI(title="onepeace", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.serve = state
-    app.add_middleware(_Gate, fastapi_app=app)
+    app.add_middleware(Gate, fastapi_app=app)
     _install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -301,7 +267,8 @@ def create_app(index_path: Any, model: Any = None, settings: ServeSettings | Non
 
     @app.get("/metrics")
     async def metrics() -> dict[str, Any]:
-        return {**state.metrics.snapshot(), "batching": state.batcher.stats()}
+        slots = {"in_flight": state.slots.busy, "waiting_for_slot": state.slots.waiting}
+        return {**state.metrics.snapshot(), **slots, "batching": state.batcher.stats()}
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> JSONResponse:
@@ -323,9 +290,9 @@ def create_app(index_path: Any, model: Any = None, settings: ServeSettings | Non
         info = await _item(state, item_id)
         if _field(info, "modality") == "text":
             raise ApiError(404, f"item {item_id} is a text; it has no media file", "not_found")
-        path = state.media_path(info)
+        path = await state.media_path(info)
         if path is None:
-            raise ApiError(404, f"the file of item {item_id} is no longer on disk", "not_found")
+            raise ApiError(404, f"the file of item {item_id} is no longer the one indexed", "not_found")
         headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=3600"}
         return FileResponse(path, media_type=MEDIA_TYPES[path.suffix.lower()], headers=headers)
 
@@ -334,7 +301,7 @@ def create_app(index_path: Any, model: Any = None, settings: ServeSettings | Non
 
 async def _item(state: ServerState, item_id: str) -> Any:
     """The index's info about ``item_id``, or 404."""
-    if not item_id.isdigit() or len(item_id) > 18:
+    if not ITEM_ID.fullmatch(item_id):
         raise ApiError(404, f"no item with id {item_id!r}", "not_found")
     try:
         return await state.on_index(state.index.item, int(item_id))

@@ -42,16 +42,16 @@ Part = tuple[str, Any, str]
 
 @dataclass
 class Call:
-    """One request being handled; ``body_read`` tells a slow upload (408) from a slow answer (504)."""
+    """One request being handled; ``body`` is set once the whole body is in."""
 
     state: ServerState
     request: Request
-    body_read: bool = False
+    body: bytes | None = None
     started: float = field(default_factory=time.monotonic)
 
 
 # ----------------------------------------------------------------------------------------------- body
-def _content_kind(request: Request) -> str:
+def content_kind(request: Request) -> str:
     """``"json"`` or ``"multipart"`` from the Content-Type, else 415 (checked before the body is read)."""
     mime = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json")):
@@ -64,8 +64,10 @@ def _content_kind(request: Request) -> str:
     )  # fmt: skip
 
 
-async def _read_body(call: Call) -> bytes:
+async def read_body(call: Call) -> bytes:
     """The whole body, refused with 413 as soon as it passes the limit (for bodies sent without a length)."""
+    if call.body is not None:
+        return call.body
     limit = call.state.settings.max_body_bytes
     chunks, size = [], 0
     try:
@@ -73,13 +75,16 @@ async def _read_body(call: Call) -> bytes:
             size += len(chunk)
             if size > limit:
                 raise ApiError(
-                    413, f"the request body is larger than the limit of {limit:,} bytes", "request_too_large"
+                    413,
+                    f"the request body is larger than the limit of {limit:,} bytes",
+                    "request_too_large",
+                    headers={"Connection": "close"},
                 )
             chunks.append(chunk)
     except ClientDisconnect:
         raise ApiError(400, "the client closed the connection before the body was complete") from None
-    call.body_read = True
-    return b"".join(chunks)
+    call.body = b"".join(chunks)
+    return call.body
 
 
 async def _read_form(call: Call, body: bytes) -> list[tuple[str, str | bytes, bool]]:
@@ -142,7 +147,7 @@ def _decode(state: ServerState, parts: list[Part]) -> tuple[list[tuple[str, Any]
 
     audio_cfg, settings = state.model.cfg.audio, state.settings
     out: list[tuple[str, Any]] = []
-    tokens, pixels = 0, 0
+    tokens, pixels, samples = 0, 0, 0
     try:
         texts = [raw for modality, raw, _ in parts if modality == "text"]
         if texts:
@@ -162,12 +167,7 @@ def _decode(state: ServerState, parts: list[Part]) -> tuple[list[tuple[str, Any]
                     )
                 out.append((modality, load_image(raw, name=label)))
             else:
-                seconds = _audio_seconds(raw, label)
-                if seconds > settings.max_audio_seconds:
-                    raise InputError(
-                        f"{label}: {seconds:.1f} s of audio is more than the server accepts "
-                        f"({settings.max_audio_seconds:g} s per clip)"
-                    )
+                samples += _check_audio_size(raw, label, settings, samples)
                 out.append((modality, load_audio(raw, target_rate=audio_cfg.sample_rate, name=label)))
     except MissingDependencyError as exc:
         raise ApiError(501, str(exc), "not_implemented") from None
@@ -194,8 +194,12 @@ def _image_size(raw: bytes, label: str) -> tuple[int, int]:
         ) from None
 
 
-def _audio_seconds(raw: bytes, label: str) -> float:
-    """Duration from the audio header, without decoding the samples (0 when the format does not tell)."""
+def _check_audio_size(raw: bytes, label: str, settings: Any, earlier: int) -> int:
+    """Samples (frames x channels) of a clip from its header, refused past the seconds or samples limit.
+
+    ``earlier`` is the samples of the request's clips before this one (the limit is per request). Nothing is
+    decoded; a format that does not tell its length counts as 0.
+    """
     from onepeace.errors import require
 
     soundfile = require("soundfile", "audio")
@@ -203,7 +207,19 @@ def _audio_seconds(raw: bytes, label: str) -> float:
         info = soundfile.info(io.BytesIO(raw))
     except Exception as exc:  # libsndfile reports unreadable data with several exception types
         raise InputError(f"{label}: cannot decode audio (unreadable data or unsupported format: {exc})") from None
-    return info.frames / info.samplerate if info.frames > 0 and info.samplerate > 0 else 0.0
+    frames, rate, channels = max(0, info.frames), max(0, info.samplerate), max(1, info.channels)
+    if rate and frames / rate > settings.max_audio_seconds:
+        raise InputError(
+            f"{label}: {frames / rate:.1f} s of audio is more than the server accepts "
+            f"({settings.max_audio_seconds:g} s per clip)"
+        )
+    samples = frames * channels
+    if earlier + samples > settings.max_audio_samples:
+        raise InputError(
+            f"{label}: {frames:,} frames x {channels} channels at {rate:,} Hz ({samples:,} samples) is more audio "
+            f"than the server decodes ({settings.max_audio_samples:,} samples per request over all clips)"
+        )
+    return samples
 
 
 async def embed_parts(call: Call, parts: list[Part]) -> tuple[np.ndarray, int]:
@@ -237,11 +253,11 @@ async def embed_parts(call: Call, parts: list[Part]) -> tuple[np.ndarray, int]:
 # ----------------------------------------------------------------------------------------------- routes
 async def embeddings(call: Call) -> dict[str, Any]:
     """``POST /v1/embeddings``: OpenAI-shaped list of vectors, in input order."""
-    kind = _content_kind(call.request)
-    body = await _read_body(call)
+    kind = content_kind(call.request)
+    body = await read_body(call)
     encoding = "float"
     if kind == "json":
-        req: EmbeddingsRequest = parse_model(EmbeddingsRequest, body)
+        req: EmbeddingsRequest = await asyncio.to_thread(parse_model, EmbeddingsRequest, body)
         encoding = req.encoding_format
         if req.dimensions is not None and req.dimensions != call.state.dim:
             raise ApiError(400, f"dimensions must be {call.state.dim} for this model, got {req.dimensions}")
@@ -287,10 +303,10 @@ def _encode(vec: np.ndarray, encoding: str) -> list[float] | str:
 
 async def _search_query(call: Call) -> tuple[list[Part], int, str | None]:
     """``(query parts in text/image/audio order, k, modality filter)`` from a JSON or multipart body."""
-    kind = _content_kind(call.request)
-    body = await _read_body(call)
+    kind = content_kind(call.request)
+    body = await read_body(call)
     if kind == "json":
-        req: SearchRequest = parse_model(SearchRequest, body)
+        req: SearchRequest = await asyncio.to_thread(parse_model, SearchRequest, body)
         parts = [("text", check_text(req.text, "text"), "text")] if req.text is not None else []
         for modality in ("image", "audio"):
             value = getattr(req, modality)
