@@ -251,10 +251,12 @@ def test_interrupted_commit_is_repaired(tmp_path: Path) -> None:
         assert len(index) == 3 and [h.item_id for h in index.search(vectors[0], k=5)][:1] == [ids[0]]
         assert max(ids) + 1 not in [h.item_id for h in index.search(vectors[0], k=5)]
     with EmbeddingIndex.open(tmp_path / "index", writable=True) as index:
-        assert (index.repair.dropped_vectors, index.repair.dropped_items, len(index)) == (1, 0, 3)
-    (tmp_path / "index" / VECTORS_FILE).unlink()  # rows without vectors are dropped, to be embedded again
-    with EmbeddingIndex.open(tmp_path / "index", writable=True) as index:
-        assert (index.repair.dropped_items, len(index), index.store.statuses()) == (3, 0, {})
+        assert (index.repair.dropped_vectors, len(index)) == (1, 3)
+    assert faiss.read_index(str(tmp_path / "index" / VECTORS_FILE)).ntotal == 3
+    (tmp_path / "index" / VECTORS_FILE).unlink()  # rows without vectors are an error, never silently dropped
+    with pytest.raises(ValueError, match="holds 3 item"):
+        EmbeddingIndex.open(tmp_path / "index", writable=True)
+    assert len(_indexed_hashes(tmp_path / "index")) == 3
 
 
 # ----------------------------------------------------------------------------------------------- errors

@@ -8,8 +8,10 @@ converted folder or another variant name.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,12 +53,61 @@ def classify(path: Path) -> str | None:
     return "text" if ext in TEXT_EXTENSIONS else None
 
 
-def walk(root: Path) -> list[Path]:
-    """Every file below ``root`` (symbolic links to folders are not followed), sorted by path."""
+@dataclass(frozen=True)
+class Walked:
+    """A name found in a folder; ``problem`` says why it cannot be read as a file (``None`` for a regular file)."""
+
+    path: Path
+    problem: str | None = None
+
+
+_SPECIAL_FILES = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` (symbolic links followed) cannot be read as a regular file, or ``None`` when it can.
+
+    Only ``stat`` is called, never ``open``: opening a FIFO blocks and a device such as ``/dev/zero`` never ends.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if exc.errno == errno.ENOENT:
+            return "a broken symbolic link" if os.path.islink(path) else "no such file or folder"
+        return f"cannot read it: {exc.strerror or exc}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "a special file")
+    return f"not a regular file ({kind})"
+
+
+def walk(root: Path) -> list[Walked]:
+    """Every name below ``root`` other than folders, sorted by path, with what keeps it from being read.
+
+    Symbolic links to folders are not followed; a link to a file is checked through to its target, so FIFOs,
+    devices, broken links and link loops come back with their ``problem`` instead of being opened.
+    """
     found = []
     for folder, _, names in os.walk(root):
-        found.extend(Path(folder) / name for name in names)
-    return sorted(found, key=lambda p: p.parts)
+        for name in names:
+            path = Path(folder) / name
+            found.append(Walked(path, file_problem(path)))
+    return sorted(found, key=lambda w: w.path.parts)
+
+
+def input_error(name: str) -> OSError | ValueError:
+    """The error for a named input that is neither a folder nor a regular file."""
+    if not os.path.lexists(name):
+        return FileNotFoundError(f"no such file or folder: {name}")
+    return ValueError(f"{name}: {file_problem(Path(name))}")
 
 
 def _text_lines(path: Path, out: Collected, strict: bool) -> None:
@@ -75,13 +126,16 @@ def _text_lines(path: Path, out: Collected, strict: bool) -> None:
             out.items.append(Item("text", line.strip(), str(path), number))
 
 
-def _add_file(path: Path, out: Collected, explicit: bool) -> None:
+def _add_file(path: Path, out: Collected, explicit: bool, problem: str | None = None) -> None:
     modality = classify(path)
     if modality is None:
         if explicit:
             supported = sorted(IMAGE_EXTENSIONS | AUDIO_EXTENSIONS | TEXT_EXTENSIONS)
             raise ValueError(f"{path}: unsupported file type {path.suffix!r}; supported: {' '.join(supported)}")
         out.ignored += 1
+    elif problem is not None:
+        warn(f"skipped {path}: {problem}")
+        out.skipped += 1
     elif modality == "text":
         _text_lines(path, out, strict=False)
     else:
@@ -95,11 +149,11 @@ def collect(inputs: list[str], texts: list[str], text_files: list[str]) -> Colle
         path = Path(name)
         if path.is_dir():
             for found in walk(path):
-                _add_file(found, out, explicit=False)
+                _add_file(found.path, out, explicit=False, problem=found.problem)
         elif path.is_file():
             _add_file(path, out, explicit=True)
         else:
-            raise FileNotFoundError(f"no such file or folder: {name}")
+            raise input_error(name)
     for i, text in enumerate(texts):
         if not text.strip():
             raise ValueError(f"--text value {i + 1} is empty")

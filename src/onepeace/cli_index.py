@@ -75,19 +75,15 @@ def _report_dict(report: Any, out: Path, name: str) -> dict[str, Any]:
         "ignored": report.ignored,
         "total": report.total,
         "size": report.size,
-        "repaired": {"dropped_vectors": report.repair.dropped_vectors, "dropped_items": report.repair.dropped_items},
+        "repaired": {"dropped_vectors": report.repair.dropped_vectors},
     }
 
 
 def _print_report(report: Any, out: Path) -> None:
     for skipped in report.skipped:
         warn(f"skipped {skipped.source}: {skipped.reason}")
-    repair = report.repair
-    if repair.dropped_vectors or repair.dropped_items:
-        print(
-            f"repaired an interrupted build: dropped {repair.dropped_vectors} uncommitted vector(s) and "
-            f"{repair.dropped_items} item(s) without a vector"
-        )
+    if report.repair.dropped_vectors:
+        print(f"repaired an interrupted build: dropped {report.repair.dropped_vectors} uncommitted vector(s)")
     print(
         f"added {report.added}; already present {report.already_present}; skipped {len(report.skipped)}; "
         f"duplicates {report.duplicates}; ignored {report.ignored} unsupported file(s); "

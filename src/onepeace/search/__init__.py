@@ -7,14 +7,16 @@ how folders and manifests are embedded, de-duplicated by content and resumed. Ne
 
 from __future__ import annotations
 
-from onepeace.search.build import BuildReport, Skipped, build_index, collect_inputs
+from onepeace.search.build import BuildReport, build_index
+from onepeace.search.collect import Skipped, collect_inputs
 from onepeace.search.index import EmbeddingIndex, Hit, Repair
-from onepeace.search.store import ItemInfo, NewItem
+from onepeace.search.store import IndexDamagedError, ItemInfo, NewItem
 
 __all__ = [
     "BuildReport",
     "EmbeddingIndex",
     "Hit",
+    "IndexDamagedError",
     "ItemInfo",
     "NewItem",
     "Repair",

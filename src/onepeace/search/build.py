@@ -1,25 +1,17 @@
 """``build_index``: embed the images, clips and texts of folders or manifests into an index, adding only new ones.
 
-Inputs are collected as ``onepeace embed`` collects them (folders walked recursively in sorted order, files
-classified by extension, a ``.txt`` file gives one text per non-empty line) and also from manifests:
-
-* ``.jsonl``: one JSON object per line, ``{"text": "..."}``, ``{"path": "..."}`` (classified by extension),
-  ``{"image": "..."}`` or ``{"audio": "..."}``;
-* ``.lst`` / ``.list``: one file or folder path per line (blank lines and ``#`` comments are ignored).
-
-Relative paths in a manifest are relative to the manifest's folder.
-
-Every item is identified by the sha256 of its content (file bytes, or the UTF-8 text). Content the index already
-holds is not embedded again: that makes a re-run on a bigger input add only the new items, and a re-run after an
-interruption resume where the last commit left off. Items are embedded in single-modality batches and committed
-every ``commit_every`` items, so a kill loses at most one chunk. A batch that fails is retried item by item; an item
-that still fails (a corrupt image, an undecodable clip) is skipped and reported, and tried again by the next build.
+Inputs are collected by :mod:`onepeace.search.collect` (folders, ``.jsonl`` and ``.lst`` manifests, single files;
+every item identified by the sha256 of its content). Content the index already holds is not embedded again: that
+makes a re-run on a bigger input add only the new items, and a re-run after an interruption resume where the last
+commit left off. Items are embedded in single-modality batches and committed every ``commit_every`` items, so a kill
+loses at most one chunk. A batch that fails is retried item by item; an item that still fails (a corrupt image, an
+undecodable clip) is skipped and reported, and tried again by the next build. After embedding, every media file is
+hashed again: a file that changed since it was hashed is embedded once more and stored under the hash of what was
+embedded (one that keeps changing is skipped), so the next build does not find it new and index it twice.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,19 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from onepeace.cli_embed import MODALITY_ORDER, Item, classify, collect, embed_batch, failure_reason, walk
+from onepeace.cli_embed import MODALITY_ORDER, embed_batch, failure_reason
+from onepeace.search.collect import Candidate, Found, Skipped, collect_inputs, file_hash
 from onepeace.search.index import EmbeddingIndex, Repair
-from onepeace.search.store import STATUS_INDEXED, NewItem
-
-MANIFEST_EXTENSIONS = frozenset({".jsonl", ".lst", ".list"})
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A file or item left out of the index, and why."""
-
-    source: str
-    reason: str
+from onepeace.search.store import STATUS_INDEXED
 
 
 @dataclass(frozen=True)
@@ -62,148 +45,6 @@ class BuildReport:
     """Items in the index after the build."""
     repair: Repair = field(default_factory=Repair)
     """What opening the index fixed after an earlier interrupted build."""
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """An item found in the inputs: ``item.payload`` is the text or the file path; ``content_hash`` its sha256."""
-
-    item: Item
-    content_hash: str
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.item.modality, self.content_hash
-
-    def to_new_item(self) -> NewItem:
-        """The metadata row: a text's source is the text and its path the file it came from."""
-        item = self.item
-        if item.modality == "text":
-            origin = None if item.source == "text" else item.source
-            return NewItem("text", item.payload, self.content_hash, origin, item.line)
-        return NewItem(item.modality, item.payload, self.content_hash, item.payload, None)
-
-
-@dataclass
-class Found:
-    """Everything collected from the inputs, before embedding."""
-
-    candidates: list[Candidate] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
-    ignored: int = 0
-
-
-# ----------------------------------------------------------------------------------------------- collecting
-def collect_inputs(inputs: Sequence[str | Path]) -> Found:
-    """Candidates from folders, manifests and single files, in input order (folders sorted by path).
-
-    A missing input or a file of an unsupported type raises; an unreadable file is reported in ``skipped``.
-    """
-    found = Found()
-    for name in inputs:
-        path = Path(name)
-        if path.is_dir():
-            _add_folder(path, found)
-        elif path.is_file() and path.suffix.lower() in MANIFEST_EXTENSIONS:
-            _add_manifest(path, found)
-        elif path.is_file():
-            if classify(path) is None:
-                raise ValueError(
-                    f"{path}: unsupported file type {path.suffix!r}; give a folder, a manifest "
-                    f"({' '.join(sorted(MANIFEST_EXTENSIONS))}), an image, an audio clip or a .txt file"
-                )
-            _add_file(path, found)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {name}")
-    return found
-
-
-def _add_folder(folder: Path, found: Found) -> None:
-    for path in walk(folder):
-        if classify(path) is None:
-            found.ignored += 1
-        else:
-            _add_file(path, found)
-
-
-def _add_file(path: Path, found: Found, modality: str | None = None) -> None:
-    """A media file (hashed) or a ``.txt`` file (one text per non-empty line); unreadable ones are skipped."""
-    modality = modality or classify(path)
-    resolved = str(path.resolve())
-    if modality == "text":
-        try:
-            lines = collect([], [], [str(path)]).items
-        except (ValueError, OSError) as exc:
-            found.skipped.append(Skipped(resolved, _without_prefix(str(exc), f"{path}: ")))
-            return
-        for line in lines:
-            found.candidates.append(Candidate(Item("text", line.payload, resolved, line.line), text_hash(line.payload)))
-        return
-    try:
-        digest = file_hash(path)
-    except OSError as exc:
-        found.skipped.append(Skipped(resolved, f"cannot read the file: {exc.strerror or exc}"))
-        return
-    found.candidates.append(Candidate(Item(str(modality), resolved, resolved), digest))
-
-
-def _add_manifest(manifest: Path, found: Found) -> None:
-    """Entries of a ``.jsonl`` or ``.lst`` manifest; listed files that do not exist are skipped and reported."""
-    try:
-        lines = manifest.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read the manifest {manifest}: {exc}") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip() or (manifest.suffix.lower() != ".jsonl" and line.lstrip().startswith("#")):
-            continue
-        where = f"{manifest}:{number}"
-        kind, value = _parse_jsonl_entry(line, where) if manifest.suffix.lower() == ".jsonl" else ("path", line.strip())
-        if kind == "text":
-            found.candidates.append(Candidate(Item("text", value, str(manifest.resolve()), number), text_hash(value)))
-            continue
-        path = Path(value) if Path(value).is_absolute() else manifest.parent / value
-        if path.is_dir() and kind == "path":
-            _add_folder(path, found)
-        elif not path.exists():
-            found.skipped.append(Skipped(str(path.resolve()), f"no such file or folder (listed in {where})"))
-        elif not path.is_file():
-            found.skipped.append(Skipped(str(path.resolve()), f"not a file (listed in {where})"))
-        elif kind == "path" and classify(path) is None:
-            found.skipped.append(
-                Skipped(str(path.resolve()), f"unsupported file type {path.suffix!r} (listed in {where})")
-            )
-        else:
-            _add_file(path, found, None if kind == "path" else kind)
-
-
-def _parse_jsonl_entry(line: str, where: str) -> tuple[str, str]:
-    """``(kind, value)`` of one manifest record: kind is ``text``, ``path``, ``image`` or ``audio``."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-    keys = [k for k in ("text", "path", "image", "audio") if isinstance(record, dict) and k in record]
-    if len(keys) != 1 or not isinstance(record[keys[0]], str) or not record[keys[0]].strip():
-        raise ValueError(f"{where}: expected an object with one non-empty string field text, path, image or audio")
-    return keys[0], record[keys[0]].strip()
-
-
-def text_hash(text: str) -> str:
-    """sha256 hex digest of a text's UTF-8 bytes."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def file_hash(path: Path) -> str:
-    """sha256 hex digest of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _without_prefix(message: str, prefix: str) -> str:
-    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 # ----------------------------------------------------------------------------------------------- embedding
@@ -353,18 +194,23 @@ def _fill(
     from tqdm import tqdm
 
     run_id = index.store.start_run(index.model_name)
-    plan = _plan(found, index.store.statuses(), _model_modalities(model))
+    statuses = index.store.statuses()
+    plan = _plan(found, statuses, _model_modalities(model))
+    held = {key for key, status in statuses.items() if status == STATUS_INDEXED}  # grows with each commit
     added = 0
     disable = not progress or not sys.stderr.isatty()
     with tqdm(total=len(plan.pending), file=sys.stderr, disable=disable, unit="item", desc="indexing") as bar:
         for start in range(0, len(plan.pending), commit_every):
             chunk = plan.pending[start : start + commit_every]
-            done, vectors, failed = embed_candidates(model, chunk, batch_size)
-            if done:
-                index.add([c.to_new_item() for c in done], vectors)
-            index.record_failures([(c.to_new_item(), reason) for c, reason in failed])
-            plan.skipped.extend(Skipped(c.item.source, reason) for c, reason in failed)
-            added += len(done)
+            result = _embed_checked(model, chunk, batch_size, held)
+            if result.done:
+                index.add([c.to_new_item() for c in result.done], np.stack(result.vectors))
+                held.update(c.key for c in result.done)
+            index.record_failures([(c.to_new_item(), reason) for c, reason in result.failed])
+            plan.skipped.extend(Skipped(c.item.source, reason) for c, reason in result.failed)
+            plan.skipped.extend(result.skipped)
+            plan.duplicates += result.duplicates
+            added += len(result.done)
             bar.update(len(chunk))
     total = len(found.candidates)
     index.store.finish_run(run_id, added, plan.present, len(plan.skipped), total)
@@ -378,3 +224,57 @@ def _fill(
         size=len(index),
         repair=index.repair,
     )
+
+
+@dataclass
+class _Checked:
+    """Embedded candidates whose files still hold what was hashed, with their vectors ``[D]``."""
+
+    done: list[Candidate] = field(default_factory=list)
+    vectors: list[np.ndarray] = field(default_factory=list)
+    failed: list[tuple[Candidate, str]] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    duplicates: int = 0
+
+
+def _embed_checked(model: Any, chunk: Sequence[Candidate], batch_size: int, held: set[tuple[str, str]]) -> _Checked:
+    """Embed ``chunk``, then hash every media file again, so each vector is stored under the hash of its input.
+
+    A file that changed between its hashing and its embedding gets its new hash and is embedded again; one that
+    changed again meanwhile is skipped (the next build takes it). Content the index (``held``) or this chunk
+    already has is counted as a duplicate.
+    """
+    out = _Checked()
+    keys = set(held)
+    pending = list(chunk)
+    for attempt in range(2):
+        done, vectors, failed = embed_candidates(model, pending, batch_size)
+        out.failed.extend(failed)
+        pending = []
+        for candidate, vector in zip(done, vectors):
+            digest, problem = _hash_now(candidate)
+            if digest is None:
+                out.skipped.append(Skipped(candidate.item.source, problem))
+            elif digest != candidate.content_hash and attempt == 0:
+                pending.append(Candidate(candidate.item, digest))
+            elif digest != candidate.content_hash:
+                out.skipped.append(Skipped(candidate.item.source, "the file kept changing while it was indexed"))
+            elif candidate.key in keys:
+                out.duplicates += 1
+            else:
+                keys.add(candidate.key)
+                out.done.append(candidate)
+                out.vectors.append(vector)
+        if not pending:
+            break
+    return out
+
+
+def _hash_now(candidate: Candidate) -> tuple[str | None, str]:
+    """``(sha256 of the candidate's file now, "")``, or ``(None, why it cannot be read)``; a text is its hash."""
+    if candidate.item.modality == "text":
+        return candidate.content_hash, ""
+    try:
+        return file_hash(Path(candidate.item.payload)), ""
+    except OSError as exc:
+        return None, f"cannot read the file after embedding it: {exc.strerror or exc}"

@@ -14,9 +14,16 @@ Consistency: every :meth:`EmbeddingIndex.add` is one step. The rows are inserted
 (which gives their ids), the vectors are added, the whole faiss index is written to ``vectors.faiss.tmp``, flushed
 and renamed over ``vectors.faiss``, and only then is the SQLite transaction committed. A kill before the rename
 leaves both files as they were; a kill between the rename and the commit leaves vectors whose ids SQLite does not
-know. SQLite is the source of truth for what the index holds: opening an index for writing removes vectors without
-a row, and deletes ``indexed`` rows without a vector (so the next build embeds them again). Opening for reading
-changes nothing and simply ignores such vectors.
+know, after the committed ones. SQLite is the source of truth for what the index holds: opening an index for
+writing removes those vectors; opening it for reading changes nothing and ignores them.
+
+Integrity: each commit records in SQLite, in the same transaction as the rows, the number of vectors it wrote and
+the sha256 of their float32 values and of their ids, in storage order (``vectors_count``, ``vectors_sha256``,
+``ids_sha256``). Opening an index recomputes both over that many vectors; the tail an interrupted commit appends
+does not change them. A missing, truncated, replaced or edited ``vectors.faiss`` (a flipped byte, scaled or NaN
+vectors, a rewritten id map), or indexed rows without a vector, raise :class:`IndexDamagedError` naming the file
+and how to rebuild: nothing is deleted and nothing is embedded again behind the user's back. :meth:`add` accepts
+only finite, unit-norm vectors.
 
 Each ``add`` rewrites the whole vectors file (O(N) bytes), which is why builds add items in chunks
 (``commit_every``): larger chunks write less often, smaller ones lose less work when interrupted.
@@ -33,13 +40,23 @@ from typing import Any
 
 import numpy as np
 
-from onepeace.errors import OnePeaceError, require
+from onepeace.errors import OnePeaceError
 from onepeace.modality import Modality
 from onepeace.search.store import STATUS_INDEXED, ItemInfo, MetadataStore, NewItem
+from onepeace.search.vectors import (
+    VECTORS_FILE,
+    check_vectors,
+    checksums,
+    empty_vectors,
+    faiss_module,
+    read_vectors,
+    write_vectors,
+)
 
 META_FILE = "meta.sqlite"
-VECTORS_FILE = "vectors.faiss"
 LOCK_FILE = "build.lock"
+NORM_TOLERANCE = 1e-3
+"""Largest ``| ||v|| - 1 |`` :meth:`EmbeddingIndex.add` accepts (float32 normalisation is within about 1e-6)."""
 
 
 @dataclass(frozen=True)
@@ -58,20 +75,21 @@ class Repair:
 
     dropped_vectors: int = 0
     """Vectors whose rows were never committed (removed from faiss)."""
-    dropped_items: int = 0
-    """Indexed rows without a vector (deleted, so the next build embeds them again)."""
 
 
 class EmbeddingIndex:
     """Vectors ``[N, D]`` (faiss) plus one metadata row per vector (SQLite) in the folder ``path``."""
 
-    def __init__(self, path: Path, store: MetadataStore, vectors: Any, writable: bool, lock: int | None) -> None:
+    def __init__(
+        self, path: Path, store: MetadataStore, vectors: Any, writable: bool, lock: int | None, ids: set[int]
+    ) -> None:
         self.path = path
         self.store = store
         self._vectors = vectors
         self._writable = writable
         self._lock = lock
-        self._ids = {int(i) for i in _faiss().vector_to_array(vectors.id_map)}
+        self._ids = ids
+        """Ids of the committed vectors (those an interrupted commit left are not among them)."""
         self._valid: dict[str | None, np.ndarray] = {}
         self.repair = Repair()
 
@@ -95,8 +113,11 @@ class EmbeddingIndex:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            MetadataStore.create(tmp / META_FILE, model_name, dim).close()
-            _write_vectors(_empty_vectors(dim), tmp / VECTORS_FILE)
+            store = MetadataStore.create(tmp / META_FILE, model_name, dim)
+            with store.transaction():
+                store.set_info(checksums(empty_vectors(dim)))
+            store.close()
+            write_vectors(empty_vectors(dim), tmp / VECTORS_FILE)
             if path.is_dir():
                 path.rmdir()
             os.replace(tmp, path)
@@ -110,7 +131,8 @@ class EmbeddingIndex:
         """The index in the folder ``path``.
 
         ``writable=True`` takes the folder's write lock (one writer at a time) and repairs what an interrupted
-        write left behind (see :attr:`repair`); reading needs no lock and writes nothing.
+        write left behind (see :attr:`repair`); reading needs no lock and writes nothing. Damaged or changed
+        files raise :class:`IndexDamagedError` (see the module docstring).
         """
         path = Path(path)
         if not (path / META_FILE).is_file():
@@ -121,15 +143,16 @@ class EmbeddingIndex:
         store = None
         try:
             store = MetadataStore.open(path / META_FILE, readonly=not writable)
-            vectors = _read_vectors(path / VECTORS_FILE, int(store.info()["dim"]))
-            index = cls(path, store, vectors, writable, lock)
+            vectors = read_vectors(path, store)
+            committed, left = check_vectors(path, store, vectors)
+            index = cls(path, store, vectors, writable, lock, committed)
         except BaseException:
             if store is not None:
                 store.close()
             _release_lock(lock)
             raise
         if writable:
-            index._repair()
+            index._repair(left)
         return index
 
     def close(self) -> None:
@@ -173,9 +196,16 @@ class EmbeddingIndex:
 
     # ------------------------------------------------------------------------------------------ writing
     def add(self, items: Sequence[NewItem], vectors: Any) -> list[int]:
-        """Store ``items`` with their ``vectors [N, D]`` (float32, L2-normalised) in one atomic step; returns ids."""
+        """Store ``items`` with their ``vectors [N, D]`` (float32, L2-normalised) in one atomic step; returns ids.
+
+        Vectors holding NaN or whose norm is not 1 (within :data:`NORM_TOLERANCE`) raise ``ValueError``.
+        """
         self._check_writable()
         array = _as_matrix(vectors, self.dim, "vectors")
+        norms = np.linalg.norm(array.astype(np.float64), axis=1)
+        off = np.flatnonzero(np.abs(norms - 1.0) > NORM_TOLERANCE)
+        if off.size:
+            raise ValueError(f"vectors must be L2-normalised: row {off[0]} has norm {norms[off[0]]:.4f}")
         if array.shape[0] != len(items):
             raise ValueError(f"{len(items)} items but {array.shape[0]} vectors")
         if not items:
@@ -187,7 +217,8 @@ class EmbeddingIndex:
             self._vectors.add_with_ids(array, np.asarray(ids, dtype=np.int64))
             self._ids.update(ids)
             self._valid.clear()
-            _write_vectors(self._vectors, self.path / VECTORS_FILE)
+            self.store.set_info(checksums(self._vectors))
+            write_vectors(self._vectors, self.path / VECTORS_FILE)
             self.store.commit()
         except BaseException:
             self.store.rollback()
@@ -221,7 +252,7 @@ class EmbeddingIndex:
         if count == 0:
             results: list[list[Hit]] = [[] for _ in range(matrix.shape[0])]
             return results[0] if single else results
-        faiss = _faiss()
+        faiss = faiss_module()
         params = None
         if len(valid) != self._vectors.ntotal:
             params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(valid))
@@ -249,20 +280,16 @@ class EmbeddingIndex:
         if not self._writable:
             raise OnePeaceError(f"the index {self.path} was opened for reading; open it with writable=True")
 
-    def _repair(self) -> None:
-        """Make faiss and SQLite agree after an interrupted write (SQLite decides what the index holds)."""
-        stored = set(self.store.indexed_ids())
-        extra = sorted(self._ids - stored)
-        missing = sorted(stored - self._ids)
-        if extra:
-            self._vectors.remove_ids(np.asarray(extra, dtype=np.int64))
-            self._ids.difference_update(extra)
-            _write_vectors(self._vectors, self.path / VECTORS_FILE)
-        if missing:
+    def _repair(self, left: list[int]) -> None:
+        """Remove the vectors ``left`` by an interrupted commit (ids without rows); record missing checksums."""
+        if left:
+            self._vectors.remove_ids(np.asarray(left, dtype=np.int64))
+            write_vectors(self._vectors, self.path / VECTORS_FILE)
+        if "vectors_count" not in self.store.info():  # an index written before checksums were kept
             with self.store.transaction():
-                self.store.delete(missing)
+                self.store.set_info(checksums(self._vectors))
         self._valid.clear()
-        self.repair = Repair(dropped_vectors=len(extra), dropped_items=len(missing))
+        self.repair = Repair(dropped_vectors=len(left))
 
 
 def count_indexed(path: str | Path) -> int:
@@ -272,53 +299,6 @@ def count_indexed(path: str | Path) -> int:
         return store.count(STATUS_INDEXED)
     finally:
         store.close()
-
-
-def _faiss() -> Any:
-    return require("faiss", "search")
-
-
-def _empty_vectors(dim: int) -> Any:
-    faiss = _faiss()
-    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-
-
-def _read_vectors(file: Path, dim: int) -> Any:
-    """The faiss index in ``file`` (an empty one if the file is missing); checks its type and width."""
-    if not file.exists():
-        return _empty_vectors(dim)
-    faiss = _faiss()
-    try:
-        vectors = faiss.read_index(str(file))
-    except RuntimeError as exc:
-        raise ValueError(f"{file} is not a readable faiss index: {' '.join(str(exc).split())[:200]}") from None
-    if not isinstance(vectors, faiss.IndexIDMap2) or vectors.d != dim:
-        raise ValueError(f"{file} is not an IndexIDMap2 of width {dim}")
-    return vectors
-
-
-def _write_vectors(vectors: Any, file: Path) -> None:
-    """Write ``vectors`` to ``file`` atomically: a flushed temporary file renamed over it."""
-    tmp = file.with_name(file.name + ".tmp")
-    _faiss().write_index(vectors, str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
-    _fsync_folder(file.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Flush a folder entry (makes a rename durable on POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _ndim(x: Any) -> int:

@@ -2,7 +2,9 @@
 
 Tables:
 
-* ``info(key, value)``: ``format``, ``model`` (the model name or path the vectors come from), ``dim``, ``created``.
+* ``info(key, value)``: ``format``, ``model`` (the model name or path the vectors come from), ``dim``, ``created``,
+  and the checksums of the vectors written by the last commit (``vectors_count``, ``vectors_sha256``,
+  ``ids_sha256``; see ``index.py``).
 * ``items(id, modality, source, path, line, content_hash, status, error, added_at)``: one row per distinct content.
   ``id`` is the vector id in faiss. ``source`` is the file path of an image or clip, or the text itself.
   ``path``/``line`` say where a text came from. ``content_hash`` is the sha256 of the file bytes (images, audio) or
@@ -14,6 +16,9 @@ Tables:
 
 Rows inserted between :meth:`MetadataStore.begin` and :meth:`MetadataStore.commit` become visible only at the
 commit, so the caller decides when a batch of rows exists (see ``index.py`` for the order of writes).
+
+Opening a store runs SQLite's ``PRAGMA quick_check`` (every page of every table and index is read and checked), so
+damaged pages stop the open with :class:`IndexDamagedError` instead of answering with a part of the rows.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from onepeace.errors import OnePeaceError
 
 FORMAT_VERSION = "1"
 STATUS_INDEXED = "indexed"
@@ -57,6 +64,14 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 """
 _COLUMNS = "id, modality, source, path, line, content_hash, status, error, added_at"
+REBUILD_HINT = (
+    "restore the index folder from a backup, or build the index again into a new folder "
+    "(onepeace index build --input ... --out NEW_INDEX)"
+)
+
+
+class IndexDamagedError(OnePeaceError, ValueError):
+    """The files of an index were damaged or changed outside of it; the message names the file and what to do."""
 
 
 @dataclass(frozen=True)
@@ -93,8 +108,9 @@ def now() -> str:
 class MetadataStore:
     """The ``items``/``info``/``runs`` tables of one SQLite file."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self.conn = conn
+        self.path = path
 
     # ------------------------------------------------------------------------------------------ opening
     @classmethod
@@ -105,7 +121,7 @@ class MetadataStore:
         """
         if path.exists():
             raise FileExistsError(f"{path} already exists")
-        store = cls(_connect(path, readonly=False))
+        store = cls(_connect(path, readonly=False), path)
         store.conn.executescript(_SCHEMA)
         values = {"format": FORMAT_VERSION, "model": model_name, "dim": str(dim), "created": now()}
         with store.transaction():
@@ -114,13 +130,20 @@ class MetadataStore:
 
     @classmethod
     def open(cls, path: Path, readonly: bool = True) -> MetadataStore:
-        """The existing store at ``path``; raises ``ValueError`` if it is not an index of a known format."""
-        store = cls(_connect(path, readonly))
+        """The existing store at ``path``; raises ``ValueError`` if it is not an index of a known format.
+
+        Damaged pages raise :class:`IndexDamagedError` (``PRAGMA quick_check`` runs first).
+        """
+        store = cls(_connect(path, readonly), path)
         try:
+            _quick_check(store.conn, path)
             info = store.info()
         except sqlite3.DatabaseError as exc:
             store.close()
             raise ValueError(f"{path} is not an index metadata file ({exc})") from None
+        except BaseException:
+            store.close()
+            raise
         if info.get("format") != FORMAT_VERSION or "model" not in info or "dim" not in info:
             store.close()
             raise ValueError(f"{path}: unknown index format {info.get('format')!r} (expected {FORMAT_VERSION})")
@@ -187,6 +210,10 @@ class MetadataStore:
         return found
 
     # ------------------------------------------------------------------------------------------ writing
+    def set_info(self, values: dict[str, str]) -> None:
+        """Insert or replace ``info`` entries, inside the caller's transaction."""
+        self.conn.executemany("INSERT OR REPLACE INTO info (key, value) VALUES (?, ?)", values.items())
+
     def insert_indexed(self, items: Sequence[NewItem]) -> list[int]:
         """Insert ``items`` as indexed, inside the caller's transaction; returns their new ids (the vector ids).
 
@@ -233,10 +260,6 @@ class MetadataStore:
                     ),
                 )
 
-    def delete(self, ids: Iterable[int]) -> None:
-        """Delete the rows with these ids, inside the caller's transaction."""
-        self.conn.executemany("DELETE FROM items WHERE id = ?", [(int(i),) for i in ids])
-
     def start_run(self, model_name: str) -> int:
         """Record the start of a build; returns its run id (committed at once)."""
         with self.transaction():
@@ -250,6 +273,22 @@ class MetadataStore:
                 "UPDATE runs SET finished_at = ?, added = ?, already_present = ?, skipped = ?, total = ? WHERE id = ?",
                 (now(), added, already_present, skipped, total, run_id),
             )
+
+
+def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
+    """Raise :class:`IndexDamagedError` naming the first problem ``PRAGMA quick_check`` finds in ``path``."""
+    try:
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall() if row[0] != "ok"]
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):
+            raise  # not an SQLite file at all: reported as not an index
+        problems = [str(exc)]
+    if problems:
+        more = f" and {len(problems) - 1} more problem(s)" if len(problems) > 1 else ""
+        first = " ".join(problems[0].split())[:200]
+        raise IndexDamagedError(
+            f"the index metadata {path} is damaged (SQLite quick_check: {first}{more}); {REBUILD_HINT}"
+        )
 
 
 def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
