@@ -4,14 +4,20 @@ serve | download | export``.
 Parsing and ``--help`` import nothing heavy; torch and the model are imported by the command that needs them.
 Errors end the run with one line ``onepeace: error: <message>`` on stderr and exit code 2 (``--debug`` shows
 the traceback); ``embed`` exits with 1 when nothing could be embedded; an interrupt exits with 130.
+Warnings raised by the project's own code are printed as one line ``onepeace: warning: <message>``; warnings of
+libraries (torch, PIL, numpy, ...) are not printed, so they add no lines to the output (``--debug`` shows them all).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import linecache
+import os
 import sys
 import traceback
+import warnings
+from types import FrameType
 
 from onepeace import (
     cli_checkpoint,
@@ -132,6 +138,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _in_package(filename: str) -> bool:
+    return os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep)
+
+
+def _warning_line(message: Warning | str, filename: str, issuer: FrameType | None = None) -> str | None:
+    """The line printed for a warning attributed to ``filename`` and raised in frame ``issuer``: one line when the
+    project's own code called ``warnings.warn``, else None (a library's warning, or one torch raises from C++)."""
+    if not _in_package(filename):
+        return None
+    if issuer is not None:
+        source = linecache.getline(issuer.f_code.co_filename, issuer.f_lineno)
+        if not _in_package(issuer.f_code.co_filename) or "warn(" not in source:
+            return None
+    return f"onepeace: warning: {' '.join(str(message).split())}"
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, *_: object) -> None:
+    issuer = sys._getframe(1)
+    while issuer is not None and issuer.f_code.co_filename == warnings.__file__:
+        issuer = issuer.f_back  # skip the warnings module's own frames
+    line = _warning_line(message, filename, issuer)
+    if line is not None:
+        print(line, file=sys.stderr)
+
+
 def _message(exc: BaseException) -> str:
     """One line describing ``exc`` (a ``KeyError`` without its quotes)."""
     text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
@@ -147,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     args.debug = getattr(args, "debug", False)
     try:
-        return args.handler(args)
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.showwarning = _show_warning
+            return args.handler(args)
     except KeyboardInterrupt:
         print("onepeace: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -7,6 +7,13 @@ without affine, eps 1e-5) -> keep the first ``max_duration`` seconds -> tile cli
 has ``T_i + 1`` False entries per clip (cls + frames), computed from the clip length, not from
 the waveform values.
 
+Files and bytes are decoded in blocks (:func:`read_audio`): the batch path keeps only the first
+``max_duration`` seconds in memory and gathers the whole-clip mean and variance in the same streaming
+pass, so a 2-hour file costs a few MB instead of its decoded size. A clip no longer than
+``max_duration`` is standardised exactly as before (bit-identical); a longer one is standardised with the
+streamed float64 statistics, which agree with the float32 layer norm over the whole clip to about 1e-6.
+Streamed soxr resampling gives the same samples as resampling the whole clip at once.
+
 ``soundfile`` and ``soxr`` are optional dependencies (``pip install 'onepeace[audio]'``), imported on use.
 """
 
@@ -15,7 +22,8 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +39,23 @@ if TYPE_CHECKING:
     AudioInput = str | os.PathLike | bytes | np.ndarray | torch.Tensor
 
 STANDARDIZE_EPS = 1e-5
+BLOCK_FRAMES = 1 << 16
+"""Frames decoded per read of a file (per channel)."""
+
+
+@dataclass(frozen=True)
+class AudioClip:
+    """A mono clip at its target rate: its first samples, its length and its whole-clip statistics.
+
+    ``wave`` float32 ``[K]`` holds the first ``K <= length`` samples. When ``K == length`` it is the whole clip and
+    ``mean`` / ``var`` are ``None`` (standardisation computes them from ``wave``); otherwise they are the mean and the
+    biased variance (float64) of all ``length`` samples, gathered while the file was streamed.
+    """
+
+    wave: np.ndarray
+    length: int
+    mean: float | None = None
+    var: float | None = None
 
 
 def _check_rate(rate: Any, what: str) -> float:
@@ -41,14 +66,72 @@ def _check_rate(rate: Any, what: str) -> float:
     return rate
 
 
-def _read_encoded(source: Any, name: str) -> tuple[np.ndarray, float]:
-    """Decode a file or file-like object with soundfile: (``[N]`` or ``[N, C]`` float32, sample rate)."""
+class _Moments:
+    """Count, mean and sum of squared deviations of a stream of blocks (float64, Chan et al.'s pairwise update)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, block: np.ndarray) -> None:
+        n = block.shape[0]
+        if n == 0:
+            return
+        x = block.astype(np.float64)
+        mean = float(x.mean())
+        dev = x - mean
+        total, delta = self.count + n, mean - self.mean
+        self.m2 += float(np.dot(dev, dev)) + delta * delta * self.count * n / total
+        self.mean += delta * n / total
+        self.count = total
+
+
+def _mono_blocks(handle: Any, name: str) -> Iterator[np.ndarray]:
+    """Float32 mono blocks ``[n]`` of an open ``soundfile.SoundFile``, channels averaged as :func:`_to_mono` does."""
+    while True:
+        try:
+            block = handle.read(BLOCK_FRAMES, dtype="float32", always_2d=True)
+        except Exception as exc:  # libsndfile reports damaged data with several exception types
+            raise InputError(f"{name}: cannot decode audio (unreadable file or unsupported format: {exc})") from exc
+        if block.shape[0] == 0:
+            return
+        yield _to_mono(block, name)
+
+
+def _stream_encoded(source: Any, name: str, target_rate: float, keep: int | None) -> AudioClip:
+    """Decode, mix down and resample a file in blocks; keep the first ``keep`` samples (all for ``None``)."""
     soundfile = require("soundfile", "audio")
     try:
-        data, rate = soundfile.read(source, dtype="float32", always_2d=False)
+        handle = soundfile.SoundFile(source)
     except Exception as exc:  # libsndfile reports unreadable data with several exception types
         raise InputError(f"{name}: cannot decode audio (unreadable file or unsupported format: {exc})") from exc
-    return data, rate
+    with handle:
+        rate = handle.samplerate
+        stream = None
+        if rate != target_rate:
+            stream = require("soxr", "audio").ResampleStream(rate, target_rate, 1, dtype="float32", quality="HQ")
+        head: list[np.ndarray] = []
+        moments, frames, pending = _Moments(), 0, np.zeros(0, np.float32)
+
+        def take(chunk: np.ndarray) -> None:  # a chunk of the output, in order
+            if keep is None or moments.count < keep:
+                head.append(chunk if keep is None else chunk[: keep - moments.count])
+            moments.add(chunk)
+
+        for block in _mono_blocks(handle, name):
+            frames += block.shape[0]
+            take(pending)  # one chunk late: the clip's exact length is known only at the end
+            pending = block if stream is None else stream.resample_chunk(block, last=False)
+    if frames == 0:
+        raise InputError(f"{name}: audio clip is empty (0 samples)")
+    if stream is not None:
+        pending = np.concatenate([pending, stream.resample_chunk(np.zeros(0, np.float32), last=True)])
+    length = frames if stream is None else int(np.ceil(frames * (float(target_rate) / rate)))
+    need = max(length - moments.count, 0)  # librosa's length: cut, or pad with zeros
+    take(np.pad(pending[:need], (0, need - min(need, pending.shape[0]))).astype(np.float32, copy=False))
+    wave = np.concatenate(head) if head else np.zeros(0, np.float32)
+    if wave.shape[0] == length:
+        return AudioClip(wave, length)
+    return AudioClip(wave, length, moments.mean, moments.m2 / moments.count)
 
 
 def _from_array(src: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
@@ -99,7 +182,12 @@ def _resample(wave: np.ndarray, rate: float, target_rate: float) -> np.ndarray:
 
 
 def load_audio(
-    src: AudioInput, sample_rate: float | None = None, target_rate: float = 16000, name: str | None = None
+    src: AudioInput,
+    sample_rate: float | None = None,
+    target_rate: float = 16000,
+    name: str | None = None,
+    *,
+    max_seconds: float | None = None,
 ) -> np.ndarray:
     """Load one clip as a mono float32 waveform ``[N]`` at ``target_rate``.
 
@@ -111,9 +199,30 @@ def load_audio(
     averaged, then the clip is resampled with soxr HQ if its rate differs from ``target_rate``
     (length ``ceil(N * target_rate / rate)``, as librosa does). ``name`` labels error messages.
 
+    ``max_seconds`` returns only the first ``max_seconds`` seconds of a file or bytes, holding no more in
+    memory; the official standardisation still needs the whole clip's statistics: take them from
+    :func:`read_audio` and give its :class:`AudioClip` to :func:`prepare_waveform`.
+
     Raises :class:`InputError` (message names the input and the problem) or :class:`TypeError` for bad types.
     """
+    return read_audio(src, sample_rate, target_rate, name, max_seconds=max_seconds).wave
+
+
+def read_audio(
+    src: AudioInput,
+    sample_rate: float | None = None,
+    target_rate: float = 16000,
+    name: str | None = None,
+    *,
+    max_seconds: float | None = None,
+) -> AudioClip:
+    """:func:`load_audio` as an :class:`AudioClip`: with ``max_seconds``, a file or bytes is decoded in blocks
+    (:data:`BLOCK_FRAMES` frames at its own rate, resampled as a stream) and only the first
+    ``int(max_seconds * target_rate)`` samples are kept, with the mean and variance of the whole clip. Arrays are
+    in memory already and are returned whole.
+    """
     target_rate = _check_rate(target_rate, "target_rate")
+    keep = None if max_seconds is None else int(_check_rate(max_seconds, "max_seconds") * target_rate)
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
         label = f"{name} ({path!r})" if name else f"audio {path!r}"
@@ -121,23 +230,22 @@ def load_audio(
             raise InputError(f"{label}: audio file not found")
         if not Path(path).is_file():
             raise InputError(f"{label}: not a file")
-        data, rate = _read_encoded(path, label)
-    elif isinstance(src, (bytes, bytearray, memoryview)):
+        return _stream_encoded(path, label, target_rate, keep)
+    if isinstance(src, (bytes, bytearray, memoryview)):
         label = name or "audio"
         if len(src) == 0:
             raise InputError(f"{label}: audio bytes are empty")
-        data, rate = _read_encoded(io.BytesIO(bytes(src)), label)
-    elif isinstance(src, np.ndarray) or is_tensor(src):
+        return _stream_encoded(io.BytesIO(bytes(src)), label, target_rate, keep)
+    if isinstance(src, np.ndarray) or is_tensor(src):
         label = name or "audio"
         rate = target_rate if sample_rate is None else _check_rate(sample_rate, f"{label}: sample_rate")
-        data = _from_array(src, label)
-    else:
-        raise TypeError(
-            f"{name or 'audio'}: unsupported audio type {type(src).__name__}; "
-            "expected a path, bytes, numpy array or torch tensor"
-        )
-    wave = _to_mono(data, label)
-    return _resample(wave, rate, target_rate) if rate != target_rate else wave
+        wave = _to_mono(_from_array(src, label), label)
+        wave = _resample(wave, rate, target_rate) if rate != target_rate else wave
+        return AudioClip(wave, wave.shape[0])
+    raise TypeError(
+        f"{name or 'audio'}: unsupported audio type {type(src).__name__}; "
+        "expected a path, bytes, numpy array or torch tensor"
+    )
 
 
 def _standardize(wave: np.ndarray, torch_free: bool) -> np.ndarray:
@@ -153,15 +261,25 @@ def _standardize(wave: np.ndarray, torch_free: bool) -> np.ndarray:
 
 
 def prepare_waveform(
-    x: np.ndarray, cfg: AudioAdapterConfig, name: str = "waveform", *, torch_free: bool = False
+    x: np.ndarray | AudioClip, cfg: AudioAdapterConfig, name: str = "waveform", *, torch_free: bool = False
 ) -> np.ndarray:
     """Official per-clip preparation of a mono ``cfg.sample_rate`` waveform ``[N]`` -> float32 ``[N']``.
 
     Order (checked against the official fixture): standardise over the whole clip (zero mean, biased
     variance, eps 1e-5, ``torch.nn.functional.layer_norm`` in float32, or numpy with ``torch_free``), then keep
     the first ``cfg.max_duration`` seconds, then tile a clip shorter than 1 s and cut it to exactly
-    ``cfg.sample_rate`` samples. A silent clip gives zeros.
+    ``cfg.sample_rate`` samples. A silent clip gives zeros. An :class:`AudioClip` holding only the first part of a
+    longer clip is standardised with its whole-clip statistics (float64), then cut.
     """
+    if isinstance(x, AudioClip):
+        if x.mean is None or x.var is None:
+            x = x.wave
+        else:
+            width = int(cfg.max_duration * cfg.sample_rate)
+            if x.wave.shape[0] < min(width, x.length):
+                raise InputError(f"{name}: {x.wave.shape[0]} samples read, fewer than the {width} to keep")
+            scale = 1.0 / math.sqrt(x.var + STANDARDIZE_EPS)
+            return ((x.wave[:width].astype(np.float64) - x.mean) * scale).astype(np.float32)
     return audio_windows(x, cfg, name, torch_free=torch_free)[0]
 
 
@@ -269,6 +387,6 @@ def audio_arrays(
     waves = []
     for i, clip in enumerate(items):
         label = f"audio {i}"
-        wave = load_audio(clip, sample_rate=sample_rate, target_rate=cfg.sample_rate, name=label)
-        waves.append(prepare_waveform(wave, cfg, name=label, torch_free=torch_free))
+        read = read_audio(clip, sample_rate, cfg.sample_rate, label, max_seconds=cfg.max_duration)
+        waves.append(prepare_waveform(read, cfg, name=label, torch_free=torch_free))
     return collate_arrays(waves, cfg)

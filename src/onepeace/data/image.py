@@ -2,6 +2,13 @@
 
 ``preprocess_images`` = RGB -> resize to exactly ``size x size`` with PIL bicubic (what torchvision's
 ``Resize`` does on PIL images) -> ``/ 255`` -> normalise with the CLIP mean and std, all in float32.
+
+RGB conversion (:func:`to_rgb`) scales high-bit-depth images to 8 bits instead of letting PIL clip them:
+16-bit grey (``I;16`` in any byte order, and ``I`` read as 16-bit values) keeps its high byte, which is
+what PIL itself keeps of a 16-bit RGB(A) PNG, so the same picture stored either way gives the same pixels;
+``F`` is read on the [0, 1] scale when all values lie there, else on PIL's [0, 255] scale. Transparency is
+dropped the way the official ``convert("RGB")`` drops the alpha of RGBA: the colour channels are kept
+(palette images with transparency go through RGBA, which PIL asks for).
 """
 
 from __future__ import annotations
@@ -36,13 +43,38 @@ def _check_pixels(img: Image.Image, name: str) -> None:
         )
 
 
+def _high_bit_depth(img: Image.Image, name: str) -> np.ndarray:
+    """8-bit grey ``[H, W]`` of an ``I;16*``, ``I`` or ``F`` image (see the module docstring for the scales)."""
+    if img.mode != "F":
+        values = np.asarray(img).astype(np.int64)
+        return (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
+    values = np.asarray(img, dtype=np.float32)
+    if not np.isfinite(values).all():
+        raise InputError(f"{name}: float image contains NaN or infinite values")
+    low, high = float(values.min()), float(values.max())
+    if low < 0.0 or high > 255.0:
+        raise InputError(f"{name}: float image values range [{low}, {high}], outside both [0, 1] and [0, 255]")
+    return np.rint(values * np.float32(255) if high <= 1.0 else values).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
+    """Any decoded PIL image -> RGB, with high bit depths scaled to 8 bits and transparency dropped (module doc)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "F" or img.mode == "I" or img.mode.startswith("I;16"):
+        return Image.fromarray(_high_bit_depth(img, name), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
 def _open_pil(opener: Any, name: str) -> Image.Image:
     """Open and fully decode an image; every PIL failure becomes an :class:`InputError` naming ``name``."""
     try:
         with Image.open(opener) as img:
             _check_pixels(img, name)
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img, name)
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -123,7 +155,12 @@ def load_image(src: ImageInput, name: str | None = None) -> Image.Image:
     if isinstance(src, Image.Image):
         try:
             src.load()
-            return src.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{label}: PIL image cannot be decoded ({exc})") from exc
+        try:
+            return to_rgb(src, label)
+        except InputError:
+            raise
         except (OSError, ValueError) as exc:
             raise InputError(f"{label}: PIL image cannot be decoded ({exc})") from exc
     if isinstance(src, np.ndarray):
