@@ -163,6 +163,7 @@ def child(args: argparse.Namespace) -> dict:
     out["seconds"] = time.perf_counter() - start
     out["peak_kb"] = _status_kb("VmHWM")
     if args.child == "load":
+        print(json.dumps(out), flush=True)  # the load's numbers survive a process killed while embedding
         inputs = _inputs()
         for modality in args.embed:
             times = []
@@ -170,7 +171,8 @@ def child(args: argparse.Namespace) -> dict:
                 start = time.perf_counter()
                 model.embed(**{modality: [inputs[modality]]})
                 times.append(time.perf_counter() - start)
-            out[f"embed_{modality}_s"] = times
+                out[f"embed_{modality}_s"] = times
+                print(json.dumps(out), flush=True)
     return out
 
 
@@ -187,11 +189,15 @@ def run_child(
     if short:
         return {"error": short}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    lines = proc.stdout.strip().splitlines()
+    partial = json.loads(lines[-1]) if lines else {}
     if proc.returncode != 0:
         why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
         print(proc.stderr[-3000:], file=sys.stderr)
-        return {"error": f"the process failed ({why}; MemAvailable {_available() / 2**30:.1f} GiB after)"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        after = "after loading, " if "seconds" in partial else ""
+        failure = f"the process failed {after}({why}; MemAvailable {_available() / 2**30:.1f} GiB after)"
+        partial["failed" if after else "error"] = failure
+    return partial
 
 
 def _available() -> int:
@@ -228,6 +234,8 @@ HEADER = (
 def _row(name: str, r: dict, weights: int | None = None) -> str:
     if "error" in r:
         return f"| {name} | not available: {r['error']} |"
+    if "failed" in r:
+        name = f"{name} ({r['failed']})"
     weights = r.get("weight_bytes", weights)
     extra = (r["peak_kb"] - r["baseline_kb"]) * 1024
     ratio = f"{extra / weights:.3f}" if weights else "-"
