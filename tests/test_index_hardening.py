@@ -22,7 +22,7 @@ import torch
 
 from onepeace import cli_embed
 from onepeace.cli import main
-from onepeace.search import EmbeddingIndex, NewItem, build_index
+from onepeace.search import EmbeddingIndex, NewItem, Skipped, build_index
 from onepeace.search.index import META_FILE, VECTORS_FILE
 
 faiss = pytest.importorskip("faiss")
@@ -277,18 +277,38 @@ def test_item10_vectors_must_be_finite_unit_rows(tmp_path: Path) -> None:
         assert (hit.item_id, hit.source) == (2, "b") and abs(hit.score - 1.0) < 1e-6
 
 
+def test_item10_index_without_checksums_gets_them(tmp_path: Path) -> None:
+    """Item 10: an index written before checksums were kept opens, and its first writable open records them."""
+    index = tmp_path / "index"
+    vectors = _text_index(index, 5)
+    keys = "('vectors_count', 'vectors_sha256', 'ids_sha256')"
+    conn = sqlite3.connect(index / META_FILE)
+    with conn:
+        recorded = dict(conn.execute(f"SELECT key, value FROM info WHERE key IN {keys}").fetchall())
+        conn.execute(f"DELETE FROM info WHERE key IN {keys}")
+    conn.close()
+    assert sorted(recorded) == ["ids_sha256", "vectors_count", "vectors_sha256"]
+    with EmbeddingIndex.open(index) as opened:
+        assert len(opened) == 5 and opened.search(vectors[2], k=1)[0].source.startswith("text 2 ")
+        assert "vectors_count" not in opened.store.info()  # reading writes nothing
+    with EmbeddingIndex.open(index, writable=True) as opened:
+        assert {k: opened.store.info()[k] for k in recorded} == recorded
+    _tamper(index, "scaled")
+    with pytest.raises(ValueError, match="the vectors differ"):
+        EmbeddingIndex.open(index)
+
+
 # ----------------------------------------------------------------------------------------------- item 17
 class ChangingModel(ContentModel):
-    """Rewrites ``target`` just before it is embedded for the first time (after the build hashed it)."""
+    """Rewrites a file each time it is about to be embedded, with the next of its ``changes`` (after hashing)."""
 
-    def __init__(self, target: Path, new: bytes) -> None:
+    def __init__(self, changes: dict[Path, list[bytes]]) -> None:
         super().__init__()
-        self.target, self.new = target, new
+        self.changes = changes
 
     def read(self, modality: str, payload: str) -> bytes:
-        if Path(payload) == self.target and self.new is not None:
-            self.target.write_bytes(self.new)
-            self.new = None
+        if self.changes.get(Path(payload)):
+            Path(payload).write_bytes(self.changes[Path(payload)].pop(0))
         return super().read(modality, payload)
 
 
@@ -296,20 +316,21 @@ def test_item17_file_changed_while_indexed_is_stored_once(tmp_path: Path) -> Non
     """Item 17: a file rewritten between hashing and embedding is stored under the hash of what was embedded."""
     folder = tmp_path / "gallery"
     folder.mkdir()
-    (folder / "stays.png").write_bytes(b"stays")
-    target = folder / "changes.png"
-    target.write_bytes(b"old content")
-    changing = ChangingModel(target, b"new content")
-    first = build_index(changing, folder, tmp_path / "index", progress=False, model_name=NAME)
-    assert (first.added, first.size, first.skipped) == (2, 2, ())
+    files = {name: folder / f"{name}.png" for name in ("changes", "copies", "flaky", "stays")}
+    for name, path in files.items():
+        path.write_bytes(name.encode())
+    changes = {files["changes"]: [b"new"], files["copies"]: [b"stays"], files["flaky"]: [b"v2", b"v3"]}
+    first = build_index(ChangingModel(changes), folder, tmp_path / "index", progress=False, model_name=NAME)
+    assert (first.added, first.duplicates, first.size) == (2, 1, 2)  # copies.png became a copy of stays.png
+    assert first.skipped == (Skipped(str(files["flaky"]), "the file kept changing while it was indexed"),)
     second_model = ContentModel()
     second = build_index(second_model, folder, tmp_path / "index", progress=False)
-    assert (second.added, second.already_present, second.size, second_model.embedded) == (0, 2, 2, [])
+    assert (second.added, second.already_present, second.size) == (1, 2, 3)
+    assert second_model.embedded == [str(files["flaky"])]  # not the changed one again
     rows = {source: digest for _, source, digest, _ in _rows(tmp_path / "index")}
-    assert rows == {
-        str(folder / "changes.png"): hashlib.sha256(b"new content").hexdigest(),
-        str(folder / "stays.png"): hashlib.sha256(b"stays").hexdigest(),
-    }
+    assert rows == {str(files[name]): hashlib.sha256(data).hexdigest() for name, data in
+                    (("changes", b"new"), ("stays", b"stays"), ("flaky", b"v3"))}  # fmt: skip
     with EmbeddingIndex.open(tmp_path / "index") as index:
-        hit = index.search(content_vector(b"new content"), k=1)[0]
-        assert hit.source == str(target) and abs(hit.score - 1.0) < 1e-6
+        for name, data in (("changes", b"new"), ("flaky", b"v3")):
+            hit = index.search(content_vector(data), k=1)[0]
+            assert hit.source == str(files[name]) and abs(hit.score - 1.0) < 1e-6
