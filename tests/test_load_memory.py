@@ -155,3 +155,12 @@ def test_measured_checkpoint_loads_exactly(measured: tuple[dict, Path]) -> None:
     converted = load_file(scratch / "native-bf16" / "model.safetensors")
     assert set(official_state(converted)) == set(reference)
     assert all(torch.equal(v, reference[k].to(torch.bfloat16)) for k, v in official_state(converted).items())
+
+
+def test_shape_beyond_the_stored_bytes_is_refused(tmp_path: Path) -> None:
+    """A handle whose shape claims more elements than its storage holds fails before allocating anything."""
+    path = _saved(tmp_path, {"model": {"w": torch.zeros(4)}})
+    handle = open_official_checkpoint(path)[0]["w"]
+    forged = MappedTensor(handle.file, handle.start, handle.nbytes, handle.dtype, (10**12,), (1,))
+    with pytest.raises(CheckpointError, match="does not fit its stored data"):
+        forged.load(torch.bfloat16)

@@ -127,8 +127,8 @@ class MappedTensor:
         next is read, so a large tensor never has its whole source resident beside its copy.
         """
         target = dtype if dtype is not None and self.dtype.is_floating_point else self.dtype
+        source = self.view()  # checks the shape against the stored bytes before anything is allocated
         out = torch.empty(self.shape, dtype=target)
-        source = self.view()
         if not self.is_contiguous() or source.numel() == 0:
             out.copy_(source)
             self.file.release(self.start, self.nbytes)
