@@ -383,3 +383,27 @@ def test_item19_a_body_over_the_limit_gets_a_readable_413(model, index_dir: Path
             r = http.post("/v1/search", content=big, headers={"content-type": "application/json"})
             assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
             assert http.post("/v1/search", json={"text": "an owl"}).status_code == 200
+
+
+# ----------------------------------------------------------------------------------------------- the burst
+@pytest.mark.slow
+def test_burst_of_1000_mixed_requests_from_32_clients(tmp_path: Path) -> None:
+    """Done-when of issue 16: 1,000 mixed requests from 32 clients, 4 of them sending bodies at 1 byte/s and 4
+    searching with 9 MB texts, against a real server at its default limits: no 5xx, no 503 for a valid request.
+    """
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", script)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    report = bench.run_benchmark(1000, 32, 600, tmp_path, slow_clients=4, long_text_clients=4)
+    print(bench.format_report(report))
+    assert report["sent"] == 1000 and report["server_alive"]
+    assert report["valid_5xx"] == 0 and report["valid_503"] == 0
+    assert report["failure_count"] == 0, report["failures"]
+    assert report["kinds"]["slow_body"]["statuses"] == {"408": 12}
+    assert report["kinds"]["search_long_text"]["statuses"] == {"200": 40}
+    assert report["server_metrics"]["errors"]["server_5xx"] == 0

@@ -20,10 +20,13 @@
     An item's record, and its indexed image or audio file with its content type (only files of the index).
 ``GET /healthz``, ``GET /metrics``, ``GET /`` (search page), ``/static/*``.
 
-Errors are ``{"error": {"message": ..., "type": ...}}``: 400 (bad fields, bad JSON, bad media), 404, 405,
-413 (body over the limit, refused from its Content-Length before reading), 415 (not JSON or multipart), 503
-(overloaded: queue full or too many requests in flight), 504 (timeout). See :mod:`onepeace.serve.app` for limits
-and :mod:`onepeace.serve.batcher` for batching.
+Errors are ``{"error": {"message": ..., "type": ...}}``: 400 (bad fields, bad or too deeply nested JSON, bad
+media, a Host header not allowed), 401 (API key missing or wrong, when one is set), 403 (a POST from another
+origin), 404, 405, 408 (the body did not arrive in time), 413 (body over the limit, refused from its
+Content-Length before it is kept), 415 (not JSON or multipart), 503 (overloaded: queue full or too many requests
+waiting for a slot), 504 (timeout). See :mod:`onepeace.serve.app` for limits, :mod:`onepeace.serve.guard` for the
+checks before a route runs, :mod:`onepeace.serve.media` for media files and :mod:`onepeace.serve.batcher` for
+batching.
 """
 
 from __future__ import annotations
