@@ -22,7 +22,7 @@ import torch
 
 from onepeace import cli_embed
 from onepeace.cli import main
-from onepeace.search import EmbeddingIndex, NewItem, Skipped, build_index
+from onepeace.search import EmbeddingIndex, IndexDamagedError, NewItem, Skipped, build_index
 from onepeace.search.index import META_FILE, VECTORS_FILE
 
 faiss = pytest.importorskip("faiss")
@@ -207,14 +207,24 @@ def test_item07_damaged_sqlite_is_one_clear_error(
     with pytest.raises(ValueError, match="is damaged") as raised:
         create_app(index, model=model)
     assert str(raised.value) == err.removeprefix("onepeace: error: ").strip()
+    schema = tmp_path / "schema"  # a damaged schema page fails as early as the journal setup of a writable open
+    _text_index(schema, 5)
+    data = bytearray((schema / META_FILE).read_bytes())
+    data[100:160] = b"\xff" * 60
+    (schema / META_FILE).write_bytes(bytes(data))
+    for writable in (False, True):
+        with pytest.raises(IndexDamagedError, match=f"the index metadata {schema / META_FILE} is damaged"):
+            EmbeddingIndex.open(schema, writable=writable)
 
 
 # ----------------------------------------------------------------------------------------------- item 10
 def _tamper(index: Path, kind: str) -> None:
     """Damage ``vectors.faiss`` the way the probe did."""
     file = index / VECTORS_FILE
-    if kind == "deleted":
+    if kind in ("deleted", "fifo"):
         file.unlink()
+        if kind == "fifo":
+            os.mkfifo(file)
         return
     vectors = faiss.read_index(str(file))
     flat = faiss.downcast_index(vectors.index)
@@ -235,7 +245,7 @@ def _tamper(index: Path, kind: str) -> None:
     faiss.write_index(vectors, str(file))
 
 
-@pytest.mark.parametrize("kind", ["flipped", "scaled", "nan", "ids", "deleted"])
+@pytest.mark.parametrize("kind", ["flipped", "scaled", "nan", "ids", "deleted", "fifo"])
 def test_item10_damaged_vectors_are_refused(
     kind: str, model: ContentModel, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -244,10 +254,12 @@ def test_item10_damaged_vectors_are_refused(
     _text_index(index, 20)
     before = _rows(index)
     _tamper(index, kind)
-    code, out, err = _cli(capsys, ["index", "search", str(index), "--text", "text 3"])
+    code, out, err = _within(10, lambda: _cli(capsys, ["index", "search", str(index), "--text", "text 3"]))
     assert (code, out) == (2, "") and len(err.splitlines()) == 1, err
     if kind == "deleted":
         assert err.startswith(f"onepeace: error: the index {index} holds 20 item(s) but {index / VECTORS_FILE} is")
+    elif kind == "fifo":
+        assert err.startswith(f"onepeace: error: {index / VECTORS_FILE} is not a regular file;")
     else:
         assert err.startswith(f"onepeace: error: {index / VECTORS_FILE} does not match the checksum recorded")
     assert "build the index again" in err
@@ -255,7 +267,7 @@ def test_item10_damaged_vectors_are_refused(
     code, out, err_build = _cli(capsys, ["index", "build", "--input", str(tmp_path / "more.txt"), "--out", str(index)])
     assert (code, out, err_build) == (2, "", err)
     assert _rows(index) == before and model.embedded == []
-    with pytest.raises(ValueError, match="checksum|holds 20 item"):
+    with pytest.raises(ValueError, match="checksum|holds 20 item|not a regular file"):
         EmbeddingIndex.open(index, writable=True)
 
 

@@ -134,13 +134,19 @@ class MetadataStore:
 
         Damaged pages raise :class:`IndexDamagedError` (``PRAGMA quick_check`` runs first).
         """
-        store = cls(_connect(path, readonly), path)
         try:
-            _quick_check(store.conn, path)
+            store = cls(_connect(path, readonly), path)
+        except sqlite3.DatabaseError as exc:
+            raise _unusable(path, exc, "SQLite") from None
+        try:
+            problems = _quick_check(store.conn)
+            if problems:
+                more = f" and {len(problems) - 1} more problem(s)" if len(problems) > 1 else ""
+                raise _unusable(path, sqlite3.DatabaseError(problems[0] + more), "SQLite quick_check")
             info = store.info()
         except sqlite3.DatabaseError as exc:
             store.close()
-            raise ValueError(f"{path} is not an index metadata file ({exc})") from None
+            raise _unusable(path, exc, "SQLite") from None
         except BaseException:
             store.close()
             raise
@@ -275,28 +281,33 @@ class MetadataStore:
             )
 
 
-def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
-    """Raise :class:`IndexDamagedError` naming the first problem ``PRAGMA quick_check`` finds in ``path``."""
+def _quick_check(conn: sqlite3.Connection) -> list[str]:
+    """The problems ``PRAGMA quick_check`` reports (empty when the file is sound); it reads every page."""
     try:
-        problems = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall() if row[0] != "ok"]
+        return [row[0] for row in conn.execute("PRAGMA quick_check").fetchall() if row[0] != "ok"]
     except sqlite3.DatabaseError as exc:
         if "not a database" in str(exc):
-            raise  # not an SQLite file at all: reported as not an index
-        problems = [str(exc)]
-    if problems:
-        more = f" and {len(problems) - 1} more problem(s)" if len(problems) > 1 else ""
-        first = " ".join(problems[0].split())[:200]
-        raise IndexDamagedError(
-            f"the index metadata {path} is damaged (SQLite quick_check: {first}{more}); {REBUILD_HINT}"
-        )
+            raise  # not an SQLite file at all
+        return [str(exc)]
+
+
+def _unusable(path: Path, exc: sqlite3.DatabaseError, source: str) -> ValueError:
+    """The error for a metadata file SQLite cannot use: not an index at all, or a damaged one."""
+    message = " ".join(str(exc).split())[:200]
+    if "not a database" in message or "no such table" in message:
+        return ValueError(f"{path} is not an index metadata file ({message})")
+    return IndexDamagedError(f"the index metadata {path} is damaged ({source}: {message}); {REBUILD_HINT}")
 
 
 def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
     """A connection in autocommit mode (the store opens its transactions explicitly), WAL journal when writable."""
     if readonly:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, timeout=30)
-    else:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+        return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, timeout=30)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+    try:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
+    except BaseException:
+        conn.close()
+        raise
     return conn

@@ -43,6 +43,8 @@ def read_vectors(folder: Path, store: MetadataStore) -> Any:
                 f"the index {folder} holds {committed} item(s) but {file} is missing; {REBUILD_HINT}"
             )
         return empty_vectors(dim)
+    if not file.is_file():  # reading a FIFO or a device would block or never end
+        raise IndexDamagedError(f"{file} is not a regular file; {REBUILD_HINT}")
     faiss = faiss_module()
     try:
         vectors = faiss.read_index(str(file))
