@@ -346,3 +346,42 @@ def test_item17_file_changed_while_indexed_is_stored_once(tmp_path: Path) -> Non
         for name, data in (("changes", b"new"), ("flaky", b"v3")):
             hit = index.search(content_vector(data), k=1)[0]
             assert hit.source == str(files[name]) and abs(hit.score - 1.0) < 1e-6
+
+
+def test_item10_readers_opening_during_a_build_see_a_consistent_index(tmp_path: Path) -> None:
+    """Item 10: opening an index while a build commits never mistakes the newer vectors file for damage."""
+    index = tmp_path / "index"
+    texts = [f"text {i}" for i in range(240)]
+    vectors = np.stack([content_vector(t.encode()) for t in texts])
+    EmbeddingIndex.create(index, NAME, DIM).close()
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            with EmbeddingIndex.open(index, writable=True) as writer:
+                for start in range(0, len(texts), 2):
+                    chunk = [
+                        NewItem("text", t, hashlib.sha256(t.encode()).hexdigest()) for t in texts[start : start + 2]
+                    ]
+                    writer.add(chunk, vectors[start : start + 2])
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    sizes = []
+    while not done.is_set():
+        try:
+            with EmbeddingIndex.open(index) as reader:
+                sizes.append(len(reader))
+        except BaseException as exc:
+            errors.append(exc)
+            break
+    thread.join()
+    assert errors == [] and len(sizes) > 10
+    assert sizes == sorted(sizes) and all(n % 2 == 0 for n in sizes)  # whole commits only, never going back
+    with EmbeddingIndex.open(index) as reader:
+        assert len(reader) == 240 and reader.search(vectors[123], k=1)[0].source == "text 123"

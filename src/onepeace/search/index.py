@@ -143,8 +143,9 @@ class EmbeddingIndex:
         store = None
         try:
             store = MetadataStore.open(path / META_FILE, readonly=not writable)
-            vectors = read_vectors(path, store)
-            committed, left = check_vectors(path, store, vectors)
+            info, rows = store.snapshot()  # before the vectors file is read: see vectors.py
+            vectors = read_vectors(path, info, rows)
+            committed, left = check_vectors(path, store.path, info, rows, vectors)
             index = cls(path, store, vectors, writable, lock, committed)
         except BaseException:
             if store is not None:

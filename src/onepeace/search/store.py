@@ -181,6 +181,14 @@ class MetadataStore:
         self.commit()
 
     # ------------------------------------------------------------------------------------------ reading
+    def snapshot(self) -> tuple[dict[str, str], set[int]]:
+        """``(info, ids of the indexed items)`` read in one read transaction, i.e. as of the same commit."""
+        self.conn.execute("BEGIN")
+        try:
+            return self.info(), set(self.indexed_ids())
+        finally:
+            self.conn.execute("COMMIT")
+
     def info(self) -> dict[str, str]:
         """The ``info`` table as a dict."""
         return dict(self.conn.execute("SELECT key, value FROM info").fetchall())

@@ -3,6 +3,10 @@
 The checksums are the sha256 of the first ``count`` stored vectors (their float32 bytes) and of their int64 ids,
 in storage order, recorded in SQLite by every commit (see ``index.py``). Vectors appended after them by an
 interrupted commit leave them unchanged; any other change to the file does not.
+
+Because a commit only ever appends vectors (and renames the file before it commits SQLite), a vectors file read
+after a snapshot of SQLite always starts with the vectors of that snapshot: readers check the file against the
+snapshot they took before reading it, so a build committing meanwhile is never mistaken for damage.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from onepeace.errors import require
-from onepeace.search.store import REBUILD_HINT, STATUS_INDEXED, IndexDamagedError, MetadataStore
+from onepeace.search.store import REBUILD_HINT, IndexDamagedError
 
 VECTORS_FILE = "vectors.faiss"
 
@@ -29,15 +33,16 @@ def empty_vectors(dim: int) -> Any:
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
 
-def read_vectors(folder: Path, store: MetadataStore) -> Any:
-    """The faiss index of ``folder``, checked to be an ``IndexIDMap2(IndexFlatIP)`` of the stored width.
+def read_vectors(folder: Path, info: dict[str, str], rows: set[int]) -> Any:
+    """The faiss index of ``folder``, checked to be an ``IndexIDMap2(IndexFlatIP)`` of the width in ``info``.
 
-    A missing file is an empty index only when nothing was committed.
+    ``info`` and ``rows`` (the indexed ids) are a snapshot of SQLite taken before; a missing file is an empty
+    index only when nothing was committed.
     """
-    file, info = folder / VECTORS_FILE, store.info()
+    file = folder / VECTORS_FILE
     dim = int(info["dim"])
     if not file.exists():
-        committed = int(info.get("vectors_count", store.count(STATUS_INDEXED)))
+        committed = int(info.get("vectors_count", len(rows)))
         if committed:
             raise IndexDamagedError(
                 f"the index {folder} holds {committed} item(s) but {file} is missing; {REBUILD_HINT}"
@@ -57,22 +62,23 @@ def read_vectors(folder: Path, store: MetadataStore) -> Any:
     return vectors
 
 
-def check_vectors(folder: Path, store: MetadataStore, vectors: Any) -> tuple[set[int], list[int]]:
-    """``(ids of the committed vectors, ids of vectors an interrupted commit left)``, after the integrity checks.
+def check_vectors(
+    folder: Path, meta: Path, info: dict[str, str], rows: set[int], vectors: Any
+) -> tuple[set[int], list[int]]:
+    """``(ids of the committed vectors, ids of the vectors after them)``, after the integrity checks.
 
-    Raises :class:`IndexDamagedError` when the committed vectors or ids differ from the checksums of the last
-    commit, or when the committed vectors and the indexed rows are not the same ids.
+    ``info`` and ``rows`` are the snapshot of the metadata file ``meta`` the vectors were read after. Raises
+    :class:`IndexDamagedError` when the committed vectors or ids differ from the checksums of the last commit, or
+    when the committed vectors and the indexed rows are not the same ids.
     """
-    info, file = store.info(), folder / VECTORS_FILE
+    file = folder / VECTORS_FILE
     ids = faiss_module().vector_to_array(vectors.id_map)
-    rows = set(store.indexed_ids())
     if "vectors_count" in info:
         count = int(info["vectors_count"])
         problem = _checksum_problem(vectors, ids, count, info)
         if problem is not None:
             raise IndexDamagedError(
-                f"{file} does not match the checksum recorded in {store.path} at the last commit "
-                f"({problem}); {REBUILD_HINT}"
+                f"{file} does not match the checksum recorded in {meta} at the last commit ({problem}); {REBUILD_HINT}"
             )
         committed, left = {int(i) for i in ids[:count]}, [int(i) for i in ids[count:]]
     else:  # written before checksums were kept: the rows alone say what was committed
@@ -80,7 +86,7 @@ def check_vectors(folder: Path, store: MetadataStore, vectors: Any) -> tuple[set
         left = [int(i) for i in ids if int(i) not in rows]
     if rows != committed:
         raise IndexDamagedError(
-            f"{file} and {store.path} disagree: {len(rows - committed)} indexed item(s) have no vector and "
+            f"{file} and {meta} disagree: {len(rows - committed)} indexed item(s) have no vector and "
             f"{len(committed - rows)} committed vector(s) have no item; {REBUILD_HINT}"
         )
     return committed, left
