@@ -11,6 +11,7 @@ import sys
 import warnings
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,6 +31,14 @@ soxr = pytest.importorskip("soxr")
 
 CFG = AudioAdapterConfig()  # 16 kHz, 15 s kept
 TESTS = Path(__file__).parent
+
+
+def _python_json(script: str, *args: str) -> Any:
+    """Run ``script`` in a fresh interpreter (one thread) and parse the JSON it prints last."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------------------- item 8: images
@@ -202,15 +211,7 @@ def test_item14_two_hour_flac_peak_memory(converted_dir: Path, tmp_path: Path) -
     path = tmp_path / "two_hours.flac"
     _two_hour_flac(path)
     assert path.stat().st_size < 1_000_000
-    run = subprocess.run(
-        [sys.executable, "-c", _PEAK_SCRIPT, str(converted_dir), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert run.returncode == 0, run.stderr
-    peak = json.loads(run.stdout.strip().splitlines()[-1])
+    peak = _python_json(_PEAK_SCRIPT, str(converted_dir), str(path))
     size = path.stat().st_size
     print(f"2-hour FLAC ({size:,} bytes): peak RSS {peak['before_mib']:.0f} -> {peak['after_mib']:.0f} MiB")
     assert peak["after_mib"] - peak["before_mib"] < 150
@@ -266,15 +267,7 @@ def test_item19_library_warnings_stay_out_of_cli_errors(converted_dir: Path, tmp
         ["patched", "info", "onepeace-tiny"],
         ["patched", "--debug", "info", "onepeace-tiny"],
     ]
-    run = subprocess.run(
-        [sys.executable, "-c", _CLI_SCRIPT, json.dumps(cases)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert run.returncode == 0, run.stderr
-    results = json.loads(run.stdout.strip().splitlines()[-1])
+    results = _python_json(_CLI_SCRIPT, json.dumps(cases))
     for result in results[:3]:
         assert result["code"] == 2
         lines = result["err"].strip().splitlines()

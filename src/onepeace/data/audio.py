@@ -222,7 +222,13 @@ def read_audio(
     in memory already and are returned whole.
     """
     target_rate = _check_rate(target_rate, "target_rate")
-    keep = None if max_seconds is None else int(_check_rate(max_seconds, "max_seconds") * target_rate)
+    keep = None
+    if max_seconds is not None:
+        if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float, np.integer, np.floating)):
+            raise TypeError(f"max_seconds must be a number, got {type(max_seconds).__name__}")
+        if not math.isfinite(max_seconds) or max_seconds <= 0:
+            raise InputError(f"max_seconds must be a positive number of seconds, got {max_seconds}")
+        keep = int(max_seconds * target_rate)
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
         label = f"{name} ({path!r})" if name else f"audio {path!r}"
