@@ -59,8 +59,6 @@ def _high_bit_depth(img: Image.Image, name: str) -> np.ndarray:
 
 def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
     """Any decoded PIL image -> RGB, with high bit depths scaled to 8 bits and transparency dropped (module doc)."""
-    if img.mode == "RGB":
-        return img
     if img.mode == "F" or img.mode == "I" or img.mode.startswith("I;16"):
         return Image.fromarray(_high_bit_depth(img, name), "L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
@@ -155,9 +153,6 @@ def load_image(src: ImageInput, name: str | None = None) -> Image.Image:
     if isinstance(src, Image.Image):
         try:
             src.load()
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{label}: PIL image cannot be decoded ({exc})") from exc
-        try:
             return to_rgb(src, label)
         except InputError:
             raise
