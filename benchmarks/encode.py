@@ -3,17 +3,17 @@
 For each modality the script builds one random batch of model-ready inputs and times ``encode_<modality>`` under
 ``torch.inference_mode`` along each requested path: ``fp32`` (eager), ``bf16`` (eager under bf16 autocast),
 ``compiled`` (fp32 with every fusion block compiled by inductor, as training compiles them), ``int8`` (the model of
-``onepeace.load(..., dtype="int8")``) and ``onnxruntime`` (the encoders exported by ``onepeace.onnx`` and run by
-onnxruntime with the same thread count). Each path gets ``warmup`` untimed passes, then the timed passes alternate
-path by path, so machine noise reaches every path alike. The script reports the min / median / max of the per-pass
-throughput, the ratio of each median to the eager fp32 median of the same run, and the lowest cosine over the batch
-between each path's embeddings and eager fp32's. It also counts the model FLOPs of one fp32 forward with
-``torch.utils.flop_counter.FlopCounterMode`` (matmul and convolution FLOPs, counted as 2 * multiply-accumulates) and
-turns the median throughput into achieved GFLOP/s.
+``onepeace.load(..., dtype="int8")``), ``onnxruntime`` (the encoders exported by ``onepeace.onnx`` and run by
+onnxruntime with the same thread count) and ``onnxruntime-int8`` (their dynamically quantised copies). Each path
+gets ``warmup`` untimed passes, then the timed passes alternate path by path, so machine noise reaches every path
+alike. The script reports the min / median / max of the per-pass throughput, the ratio of each median to the eager
+fp32 median of the same run, and the lowest cosine over the batch between each path's embeddings and eager fp32's.
+It also counts the model FLOPs of one fp32 forward with ``torch.utils.flop_counter.FlopCounterMode`` (matmul and
+convolution FLOPs, counted as 2 * multiply-accumulates) and turns the median throughput into achieved GFLOP/s.
 
 Example::
 
-    python benchmarks/encode.py --threads 2 --precisions fp32 compiled int8 onnxruntime --json encode.json
+    python benchmarks/encode.py --threads 2 --precisions fp32 compiled int8 onnxruntime onnxruntime-int8
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import onepeace
 
 MODALITIES = ("image", "audio", "text")
-PRECISIONS = ("fp32", "bf16", "compiled", "int8", "onnxruntime")
+PRECISIONS = ("fp32", "bf16", "compiled", "int8", "onnxruntime", "onnxruntime-int8")
 EOS_ID = 2
 TOKEN_RANGE = (4, 50000)
 UNITS = {"image": "images/s", "audio": "audio s/s", "text": "texts/s"}
@@ -172,25 +172,40 @@ def int8_engine(model: onepeace.OnePeace, args: argparse.Namespace) -> Engine:
     return eager_engine(quantize_int8(model))
 
 
-def onnx_engine(model: onepeace.OnePeace, args: argparse.Namespace) -> Engine | None:
-    """``model``'s encoders exported to a temporary folder and run by onnxruntime; None if that is not installed."""
+def onnx_export(model: onepeace.OnePeace, args: argparse.Namespace, int8: bool) -> Path | None:
+    """``model``'s encoders exported once to a temporary folder (with int8 copies when ``int8``); None if
+    ``onepeace.onnx`` or its dependencies are missing."""
+    folder = getattr(args, "onnx_folder", None)
     try:
-        from onepeace.modality import Modality
-        from onepeace.onnx import OnnxModel, export_onnx
-        from onepeace.onnx.manifest import INPUTS
+        from onepeace.onnx import export_onnx, quantize_export
+
+        if folder is None:
+            folder = Path(tempfile.mkdtemp(prefix="onepeace-encode-onnx-"))
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            start = time.perf_counter()
+            export_onnx(model, folder, check=False)
+            log(f"onnxruntime: exported the encoders in {time.perf_counter() - start:.0f} s")
+            args.onnx_folder = folder
+        if int8 and not any(folder.glob("*.int8.onnx")):
+            start = time.perf_counter()
+            quantize_export(folder)
+            log(f"onnxruntime: quantised the graphs to int8 in {time.perf_counter() - start:.0f} s")
     except ImportError as exc:
         log(f"onnxruntime: row skipped ({exc})")
         return None
-    folder = Path(tempfile.mkdtemp(prefix="onepeace-encode-onnx-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    start = time.perf_counter()
-    try:
-        export_onnx(model, folder, check=False)
-    except ImportError as exc:
-        log(f"onnxruntime: row skipped ({exc})")
+    return folder
+
+
+def onnx_engine(model: onepeace.OnePeace, args: argparse.Namespace, int8: bool = False) -> Engine | None:
+    """The exported encoders run by onnxruntime (the int8 copies when ``int8``) with torch's thread count."""
+    folder = onnx_export(model, args, int8)
+    if folder is None:
         return None
-    log(f"onnxruntime: exported the encoders in {time.perf_counter() - start:.0f} s")
-    session = OnnxModel(folder, threads=torch.get_num_threads())
+    from onepeace.modality import Modality
+    from onepeace.onnx import OnnxModel
+    from onepeace.onnx.manifest import INPUTS
+
+    session = OnnxModel(folder, threads=torch.get_num_threads(), variant="int8" if int8 else "")
 
     def run(modality: str, inputs: Inputs) -> torch.Tensor:
         arrays = {name: t.numpy() for name, t in zip(INPUTS[Modality(modality)], inputs, strict=True)}
@@ -199,9 +214,19 @@ def onnx_engine(model: onepeace.OnePeace, args: argparse.Namespace) -> Engine | 
     return run
 
 
+def onnx_int8_engine(model: onepeace.OnePeace, args: argparse.Namespace) -> Engine | None:
+    """onnxruntime on the dynamically quantised copies of the exported graphs (``onepeace.onnx.quantize_export``)."""
+    return onnx_engine(model, args, int8=True)
+
+
 def build_engines(model: onepeace.OnePeace, args: argparse.Namespace) -> dict[str, Engine]:
     """One engine per requested path, in the order given; a path whose dependency is missing is left out."""
-    builders = {"compiled": compiled_engine, "int8": int8_engine, "onnxruntime": onnx_engine}
+    builders = {
+        "compiled": compiled_engine,
+        "int8": int8_engine,
+        "onnxruntime": onnx_engine,
+        "onnxruntime-int8": onnx_int8_engine,
+    }
     engines: dict[str, Engine] = {}
     for name in args.precisions:
         engine = builders[name](model, args) if name in builders else eager_engine(model, name)
