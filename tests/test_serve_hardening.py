@@ -13,7 +13,6 @@ import io
 import os
 import shutil
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +27,7 @@ pytest.importorskip("faiss")
 pytest.importorskip("soundfile")
 httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
+from test_serve import ServerThread, SlowModel  # noqa: E402
 
 import onepeace  # noqa: E402
 from onepeace.data.tokenizer import MAX_TOKENS, default_tokenizer  # noqa: E402
@@ -39,54 +39,6 @@ LIMIT = 1024 * 1024
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerThread:
-    """uvicorn serving ``app`` on a free loopback port in a daemon thread."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", timeout_keep_alive=5)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-
-
-class SlowModel:
-    """The model with ``delay`` seconds added to every ``embed`` call."""
-
-    def __init__(self, model, delay: float) -> None:
-        self._model, self._delay = model, delay
-
-    def __getattr__(self, name: str):
-        return getattr(self._model, name)
-
-    def embed(self, **kwargs):
-        time.sleep(self._delay)
-        return self._model.embed(**kwargs)
 
 
 def build_gallery_index(model, folder: Path) -> Path:
