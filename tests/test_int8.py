@@ -116,12 +116,10 @@ def _check_cosines(cos: dict[str, torch.Tensor], bounds: dict[str, float]) -> No
 
 
 def test_small_int8_embeddings_close_to_fp32(small: onepeace.OnePeace, small_int8: Int8OnePeace) -> None:
-    torch.set_num_threads(1)
     _check_cosines(_cosines(small, small_int8), BOUNDS["small"])
 
 
 def test_fixture_int8_embeddings_close_to_fp32(official_checkpoint: Path) -> None:
-    torch.set_num_threads(1)
     fp32 = onepeace.load(official_checkpoint)
     _check_cosines(_cosines(fp32, onepeace.load(official_checkpoint, dtype="int8")), BOUNDS["tiny"])
 
