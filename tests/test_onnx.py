@@ -252,7 +252,7 @@ def test_runtime_embeds_raw_files_like_eager_without_torch(
     windows = onepeace.load("onepeace-small").embed(audio=clips, batch_size=2, long_audio="windows").audio.numpy()
     assert np.abs(got["windows"] - windows).max() <= TOLERANCE  # the 9.5 s clip is pooled over 3 windows of 4 s
     assert np.abs(got["windows"][:4] - got["audio"][:4]).max() <= TOLERANCE  # shorter clips: one window
-    assert np.abs(got["windows"][4] - got["audio"][4]).max() > 0.01
+    assert np.abs(got["windows"][4] - got["audio"][4]).max() > 1e-3  # pooling changed the long clip's vector
 
 
 @pytest.mark.slow
