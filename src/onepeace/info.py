@@ -198,6 +198,7 @@ def describe(target: str) -> dict[str, Any]:
         shapes, entries = _torch_entries(list(tensors.items()))
     files = {}
     if path is not None:
+        _check_fits(cfg, shapes, f"{path} (config {path / 'config.json'})" if path.is_dir() else str(path))
         found = sorted(path.iterdir()) if path.is_dir() else [path]
         files = {p.name: p.stat().st_size for p in found if p.is_file()}
     return {
@@ -208,6 +209,20 @@ def describe(target: str) -> dict[str, Any]:
         "parameters": parameter_breakdown(shapes, cfg),
         **_storage(entries),
     }
+
+
+def _check_fits(cfg: OnePeaceConfig, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+    """Raise :class:`~onepeace.errors.CheckpointError` when the stored tensor shapes do not fit the model of ``cfg``
+    (compared on the meta device: nothing is allocated or read)."""
+    import torch
+
+    from onepeace.checkpoints.state import check_state_dict
+    from onepeace.model import OnePeaceModel
+
+    with torch.device("meta"):
+        model = OnePeaceModel(cfg, init=False)
+        stored = {name: torch.empty(shape) for name, shape in shapes.items()}
+    check_state_dict(model, stored, source)
 
 
 _BRANCH_NAMES = {"text": "language", "image": "vision", "audio": "audio"}

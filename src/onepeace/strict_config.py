@@ -36,10 +36,55 @@ def build_section(cls: type, values: Any, where: str = "") -> Any:
             raise ValueError(f"unknown key {_dotted(where, str(key))!r}; allowed keys: {', '.join(sorted(allowed))}")
     hints = typing.get_type_hints(cls)
     kwargs = {key: _coerce(hints[key], value, _dotted(where, key)) for key, value in values.items()}
+    check_bounds(cls, kwargs, where)
     try:
         return cls(**kwargs)
     except ValueError as exc:
         raise ValueError(f"{where or 'recipe'}: {exc}") from exc
+
+
+def bounded(default: Any, low: float | None = None, high: float | None = None, **checks: Any) -> Any:
+    """A dataclass field with a range that :func:`check_bounds` enforces: ``low <= value <= high``, and optionally
+    ``multiple_of`` (an int), ``length`` (``(min, max)`` items of a tuple) and ``items`` (one ``(low, high)`` per
+    position of each inner tuple, for a tuple of tuples)."""
+    return dataclasses.field(default=default, metadata={"bounds": {"low": low, "high": high, **checks}})
+
+
+def check_bounds(cls: type, values: Mapping[str, Any], where: str = "") -> None:
+    """Raise ``ValueError`` naming the dotted key of the first value of ``values`` outside its :func:`bounded`
+    range (fields without a range, and keys ``values`` lacks, are not checked)."""
+    for f in dataclasses.fields(cls):
+        spec = f.metadata.get("bounds")
+        if spec is not None and f.name in values:
+            _check_bounded(_dotted(where, f.name), values[f.name], spec)
+
+
+def _check_bounded(key: str, value: Any, spec: Mapping[str, Any]) -> None:
+    if isinstance(value, tuple):
+        low, high = spec.get("length", (None, None))
+        if (low is not None and len(value) < low) or (high is not None and len(value) > high):
+            raise ValueError(f"{key} must have {_span(low, high)} items, got {len(value)}")
+        for i, item in enumerate(value):
+            for j, (lo, hi) in enumerate(spec.get("items", ())):
+                _check_number(f"{key}[{i}][{j}]", item[j], lo, hi)
+        return
+    _check_number(key, value, spec["low"], spec["high"])
+    multiple = spec.get("multiple_of")
+    if multiple and value % multiple:
+        raise ValueError(f"{key} must be a multiple of {multiple}, got {value!r}")
+
+
+def _check_number(key: str, value: Any, low: float | None, high: float | None) -> None:
+    if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{key} must be a finite number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{key} must be {_span(low, high)}, got {value!r}")
+
+
+def _span(low: float | None, high: float | None) -> str:
+    if low is not None and high is not None:
+        return f"between {low:g} and {high:g}"
+    return f">= {low:g}" if low is not None else f"<= {high:g}"
 
 
 def _dotted(where: str, key: str) -> str:

@@ -13,7 +13,7 @@ import torch
 from onepeace.checkpoints.mapped import MappedTensor, as_tensor
 from onepeace.checkpoints.official_keys import KeyReport, sort_keys, to_official
 from onepeace.checkpoints.pickle_io import open_official_checkpoint
-from onepeace.config import AudioAdapterConfig, ImageAdapterConfig, OnePeaceConfig, TextAdapterConfig
+from onepeace.config import OnePeaceConfig
 from onepeace.errors import CheckpointError
 from onepeace.modality import Modality
 
@@ -39,9 +39,13 @@ def parse_feature_spec(spec: str) -> tuple[tuple[int, int, int], ...]:
         layers = value(ast.parse(spec, mode="eval").body)
     except SyntaxError as exc:
         raise CheckpointError(f"cannot parse feature_encoder_spec {spec!r}") from exc
-    if not isinstance(layers, list) or not all(isinstance(t, tuple) and len(t) == 3 for t in layers):
-        raise CheckpointError(f"feature_encoder_spec {spec!r} is not a list of (channels, kernel, stride)")
-    return tuple(tuple(int(v) for v in t) for t in layers)
+    where = "cfg.model.encoder.audio_adapter.feature_encoder_spec"
+    if not isinstance(layers, list):
+        raise CheckpointError(f"{where} {spec!r} is not a list of (channels, kernel, stride)")
+    for i, item in enumerate(layers):
+        if not (isinstance(item, tuple) and len(item) == 3):
+            raise CheckpointError(f"{where}[{i}] must be a (channels, kernel, stride) triple, got {item!r}")
+    return tuple(layers)
 
 
 def _modalities(report: KeyReport) -> tuple[Modality, ...]:
@@ -52,48 +56,85 @@ def _modalities(report: KeyReport) -> tuple[Modality, ...]:
     return mods
 
 
+#: Our config keys -> the official ``cfg`` entries they come from (for messages).
+_OFFICIAL_NAMES = {
+    "embed_dim": "model.encoder.embed_dim",
+    "layers": "model.encoder.layers",
+    "heads": "model.encoder.attention_heads",
+    "ffn_dim": "model.encoder.ffn_embed_dim",
+    "layer_scale_init": "model.encoder.layer_scale_init_value",
+    "text.bucket_size": "model.encoder.text_adapter.bucket_size",
+    "image.image_size": "task.patch_image_size",
+    "audio.bucket_size": "model.encoder.audio_adapter.bucket_size",
+    "audio.conv_pos_depth": "model.encoder.audio_adapter.conv_pos_depth",
+    "audio.conv_pos_width": "model.encoder.audio_adapter.conv_pos_width",
+    "audio.conv_pos_groups": "model.encoder.audio_adapter.conv_pos_groups",
+    "audio.feature_layers": "model.encoder.audio_adapter.feature_encoder_spec",
+}
+
+
+_AUDIO_KEYS = ("bucket_size", "conv_pos_depth", "conv_pos_width", "conv_pos_groups")
+
+
 def config_from_official(cfg: dict, state_dict: Mapping[str, Any], report: KeyReport) -> OnePeaceConfig:
-    """Model config of an official checkpoint from its saved ``cfg`` and the shapes of its tensors (or handles)."""
+    """Model config of an official checkpoint from its saved ``cfg`` and the shapes of its tensors (or handles).
+
+    Every value is checked by the one config validator (:func:`onepeace.strict_config.build_section`): a value of
+    the wrong type or out of range raises :class:`CheckpointError` naming its ``cfg`` entry.
+    """
     enc = (cfg.get("model") or {}).get("encoder") or {}
     if not enc:
         raise CheckpointError("the checkpoint's cfg has no model.encoder section; is it a ONE-PEACE checkpoint?")
     mods = _modalities(report)
     ours = {v: k for k, v in report.mapped.items()}
     tables = [k for k in ours if ".rel_pos.tables." in k and k.startswith(f"adapters.{mods[0].value}.")]
-    audio = enc.get("audio_adapter") or {}
-    image = enc.get("image_adapter") or {}
-    text = enc.get("text_adapter") or {}
+    audio, image = enc.get("audio_adapter") or {}, enc.get("image_adapter") or {}
     pos = state_dict.get(ours.get("adapters.image.pos_embed", ""))
-    pos_grid = math.isqrt(pos.shape[0] - 1) if pos is not None else int(image.get("bucket_size", 16))
-    image_size = int((cfg.get("task") or {}).get("patch_image_size") or 16 * int(image.get("rel_bucket_size", 16)))
     tokens = state_dict.get(ours.get("adapters.text.token_embed.weight", ""))
-    text_cfg = TextAdapterConfig(
-        vocab_size=tokens.shape[0] if tokens is not None else 50264,
-        bucket_size=int(text.get("bucket_size", 256)),
-    )
-    audio_cfg = AudioAdapterConfig(
-        bucket_size=int(audio.get("bucket_size", 512)),
-        conv_pos_depth=int(audio.get("conv_pos_depth", 5)),
-        conv_pos_width=int(audio.get("conv_pos_width", 95)),
-        conv_pos_groups=int(audio.get("conv_pos_groups", 16)),
-        **(
-            {"feature_layers": parse_feature_spec(audio["feature_encoder_spec"])}
-            if audio.get("feature_encoder_spec")
-            else {}
-        ),
-    )
-    return OnePeaceConfig(
-        embed_dim=int(enc["embed_dim"]),
-        layers=int(enc["layers"]),
-        heads=int(enc["attention_heads"]),
-        ffn_dim=int(enc["ffn_embed_dim"]),
-        layer_scale_init=float(enc.get("layer_scale_init_value", 1e-6)) if enc.get("use_layer_scale", True) else 0.0,
-        per_layer_rel_pos=len(tables) > 1,
-        modalities=mods,
-        text=text_cfg,
-        image=ImageAdapterConfig(image_size=image_size, pos_grid=pos_grid),
-        audio=audio_cfg,
-    )
+    values = {
+        "embed_dim": enc.get("embed_dim"),
+        "layers": enc.get("layers"),
+        "heads": enc.get("attention_heads"),
+        "ffn_dim": enc.get("ffn_embed_dim"),
+        "layer_scale_init": enc.get("layer_scale_init_value", 1e-6) if enc.get("use_layer_scale", True) else 0.0,
+        "per_layer_rel_pos": len(tables) > 1,
+        "modalities": [m.value for m in mods],
+        "text": {
+            "vocab_size": tokens.shape[0] if tokens is not None else 50264,
+            "bucket_size": (enc.get("text_adapter") or {}).get("bucket_size", 256),
+        },
+        "image": {
+            "image_size": _image_size(cfg, image),
+            "pos_grid": math.isqrt(pos.shape[0] - 1) if pos is not None else image.get("bucket_size", 16),
+        },
+        "audio": {k: audio[k] for k in _AUDIO_KEYS if k in audio},
+    }
+    if audio.get("feature_encoder_spec"):
+        values["audio"]["feature_layers"] = parse_feature_spec(audio["feature_encoder_spec"])
+    return _validated(values)
+
+
+def _image_size(cfg: dict, image: dict) -> Any:
+    """``task.patch_image_size``, else 16 x the image adapter's ``rel_bucket_size`` (a non-integer left as it is)."""
+    size = (cfg.get("task") or {}).get("patch_image_size")
+    if size:
+        return size
+    grid = image.get("rel_bucket_size", 16)
+    return 16 * grid if isinstance(grid, int) and not isinstance(grid, bool) else grid
+
+
+def _validated(values: dict) -> OnePeaceConfig:
+    from onepeace.strict_config import build_section
+
+    try:
+        return build_section(OnePeaceConfig, values, "cfg")
+    except ValueError as exc:
+        message = str(exc)
+        head, _, rest = message.partition(" ")
+        key = head.removeprefix("cfg.").split("[")[0]
+        if key in _OFFICIAL_NAMES:
+            message = f"cfg.{_OFFICIAL_NAMES[key]}{head.removeprefix('cfg.' + key)} {rest}"
+        raise CheckpointError(message) from None
 
 
 def official_cfg(cfg: OnePeaceConfig) -> dict:
@@ -154,7 +195,10 @@ def open_official(path: str | Path) -> tuple[OnePeaceConfig, dict[str, torch.Ten
     if report.unknown:
         shown = ", ".join(report.unknown[:10]) + (" ..." if len(report.unknown) > 10 else "")
         raise CheckpointError(f"{path}: {len(report.unknown)} key(s) are not part of ONE-PEACE: {shown}")
-    config = config_from_official(cfg, state_dict, report)
+    try:
+        config = config_from_official(cfg, state_dict, report)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     return config, {ours: state_dict[key] for key, ours in report.mapped.items()}, report
 
 
