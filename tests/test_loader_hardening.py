@@ -3,9 +3,12 @@ it covers. Every bad input gives one error naming the file and the problem, boun
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import official
@@ -127,3 +130,126 @@ def test_item18_info_refuses_a_config_its_tensors_do_not_fit(
     assert "missing key(s): encoder.layers.2." in line
     assert main(["info", str(native_dir)]) == 0
     assert "2 layers" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- item 4
+def _call_pickle(module: str, name: str, arg: bytes) -> bytes:
+    """A protocol-2 pickle of ``module.name(<arg>)``, ``arg`` being pickle opcodes that push one argument."""
+    return b"\x80\x02c" + f"{module}\n{name}\n".encode() + arg + b"\x85R."
+
+
+def _long(n: int) -> bytes:
+    body = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(body)]) + body
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "arg"),
+    [
+        ("builtins", "bytearray", _long(2_500_000_000)),
+        ("builtins", "bytes", _long(20_000_000_000)),
+        ("torch", "Tensor", _long(2_500_000_000)),
+        ("__builtin__", "bytearray", _long(2_500_000_000)),
+    ],
+)
+def test_item4_allocating_constructor_in_a_tiny_pickle_is_refused(
+    tmp_path: Path, module: str, name: str, arg: bytes
+) -> None:
+    """Item 4: ``builtins.bytearray(2500000000)`` in a 49-byte checkpoint (and the same through ``bytes``,
+    ``torch.Tensor`` and the Python 2 name) is refused before anything is allocated: the restricted unpickler
+    charges every allocating constructor to a budget of the file's own size."""
+    path = tmp_path / "bomb.pt"
+    path.write_bytes(_call_pickle(module, name, arg))
+    assert len(path.read_bytes()) < 49
+    with pytest.raises(CheckpointError, match=r"bomb\.pt: its pickle asks .* more than the file can hold"):
+        onepeace.load(path)
+
+
+def test_item4_numpy_array_and_zip_pickle_bombs_are_refused(tmp_path: Path) -> None:
+    """Item 4: a numpy ``_reconstruct`` of a 10^10-element array, and a bytearray bomb as the ``data.pkl`` of a zip
+    archive (read through the memory-mapped path) are refused the same way."""
+    shape = b"(" + _long(10_000_000_000) + b"tq\x00"
+    numpy_bomb = b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + shape + b"C\x01b\x87R."
+    path = tmp_path / "numpy.pt"
+    path.write_bytes(numpy_bomb)
+    with pytest.raises(CheckpointError, match="its pickle asks numpy.core.multiarray._reconstruct for"):
+        onepeace.load(path)
+    archive = tmp_path / "zipped.pt"
+    torch.save({"model": {"w": torch.zeros(2)}}, archive)
+    with zipfile.ZipFile(archive) as src:
+        members = {i.filename: src.read(i.filename) for i in src.infolist()}
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as dst:
+        for name_, data in members.items():
+            dst.writestr(
+                name_,
+                _call_pickle("builtins", "bytearray", _long(2_500_000_000)) if name_.endswith("data.pkl") else data,
+            )
+    with pytest.raises(CheckpointError, match="its pickle asks builtins.bytearray for 2,500,000,000 bytes"):
+        onepeace.load(archive)
+
+
+def test_item4_legacy_storage_larger_than_its_file_is_refused(tmp_path: Path) -> None:
+    """Item 4: a legacy (non-zip) ``.pt`` whose pickle declares a 20 GB storage is refused before torch allocates
+    the storage (the legacy reader allocates what the pickle declares, then reads it from the file)."""
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: object) -> object:
+            return ("storage", torch.FloatStorage, "0", "cpu", 5_000_000_000, None) if obj == "STORAGE" else None
+
+    buffer = io.BytesIO()
+    for part in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}):
+        pickle.dump(part, buffer, protocol=2)
+    Pickler(buffer, protocol=2).dump({"model": {"w": "STORAGE"}})
+    pickle.dump(["0"], buffer, protocol=2)
+    path = tmp_path / "legacy.pt"
+    path.write_bytes(buffer.getvalue() + (8).to_bytes(8, "little") + bytes(32))
+    with pytest.raises(CheckpointError, match="its pickle asks tensor storage '0' for 20,000,000,000 bytes"):
+        onepeace.load(path)
+
+
+def test_item4_real_checkpoints_still_load(official_checkpoint: Path, tmp_path: Path) -> None:
+    """Item 4: the bounds refuse nothing real: the official tiny checkpoint (zip, mapped) and the same weights saved
+    in the legacy format load to the same tensors."""
+    reference = official.inference_state_dict()
+    legacy = tmp_path / "legacy.pt"
+    payload = official.checkpoint_meta()
+    payload["model"] = reference
+    torch.save(payload, legacy, _use_new_zipfile_serialization=False)
+    from onepeace.checkpoints.pickle_io import read_official_checkpoint
+
+    for path in (official_checkpoint, legacy):
+        state, cfg = read_official_checkpoint(path)
+        assert cfg == official.checkpoint_meta()["cfg"]
+        assert set(state) == set(reference)
+        assert all(torch.equal(torch.as_tensor(state[k]), v) for k, v in reference.items())
+
+
+# ---------------------------------------------------------------------------------------------- item 15 (deflate)
+def test_item15_deflate_bomb_member_is_refused_before_it_expands(tmp_path: Path) -> None:
+    """Item 15: a zip checkpoint whose 2-element tensor's storage member is 200 MB of deflated zeros (about 200 KB
+    on disk) is refused from the sizes the archive declares, before anything is decompressed (it cost 1.05 GB)."""
+    stored = tmp_path / "stored.pt"
+    torch.save({"model": {"w": torch.zeros(2)}}, stored)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(stored) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            if info.filename.endswith("/data/0"):
+                with dst.open(info.filename, "w") as member:
+                    for _ in range(200):
+                        member.write(bytes(1 << 20))
+            else:
+                dst.writestr(info.filename, src.read(info.filename))
+    assert bomb.stat().st_size < 1 << 20
+    began = time.perf_counter()
+    for read in (onepeace.load, _read_official):
+        with pytest.raises(
+            CheckpointError, match=r"declares 8 bytes for storage '0', but the archive holds 209,715,200"
+        ):
+            read(bomb)
+    assert time.perf_counter() - began < 2.0
+
+
+def _read_official(path: Path) -> object:
+    from onepeace.checkpoints.pickle_io import read_official_checkpoint
+
+    return read_official_checkpoint(path)

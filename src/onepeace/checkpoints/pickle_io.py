@@ -1,10 +1,10 @@
 """Reading official fairseq ``.pt`` checkpoints (and ``.safetensors`` files) without running pickled code.
 
 An official checkpoint is a ``torch.save`` archive of a dict (``args``, ``cfg``, ``model``, ...). It is read
-with ``torch.load(weights_only=True, mmap=True)`` first. If that refuses a global (real fairseq files may keep
-``argparse.Namespace``, omegaconf containers, enum members or paths in ``cfg`` / ``args``), it is read again
-with a restricted unpickler: tensors are rebuilt, configuration objects become inert stand-ins converted to
-plain data, and any other global is refused before it can run. Every failure raises
+with a restricted unpickler (real fairseq files may keep ``argparse.Namespace``, omegaconf containers, enum members
+or paths in ``cfg`` / ``args``): tensors are rebuilt, configuration objects become inert stand-ins converted to
+plain data, any other global is refused before it can run, and what the pickle may allocate is bounded by the
+file's size (:mod:`.pickle_bounds`). Every failure raises
 :class:`~onepeace.errors.CheckpointError` naming the file (a missing file included).
 
 :func:`open_official_checkpoint` reads a zip archive's pickle with the restricted unpickler alone and gives each
@@ -22,13 +22,13 @@ import struct
 import types
 import zipfile
 from collections.abc import Mapping
-from functools import lru_cache
 from pathlib import Path, PurePath
 from typing import Any
 
 import torch
 
 from onepeace.checkpoints.mapped import MappedTensor
+from onepeace.checkpoints.pickle_bounds import MAX_PICKLE_BYTES, Bounded, Budget, bounded_global, check_storage
 from onepeace.errors import CheckpointError
 
 _MAX_LISTED = 20
@@ -98,12 +98,35 @@ def _subscript(target: Any, item: Any) -> Any:
     return stand_in(item)
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only allowlisted globals and refuses every other one before anything runs."""
+_BASE_PERSISTENT_LOAD = pickle.Unpickler.__dict__["persistent_load"]
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only allowlisted globals and refuses every other one before anything runs.
+
+    Allocating constructors are bounded by a :class:`~.pickle_bounds.Budget` (the file's size), and a storage
+    loader torch installs (``persistent_load``) first checks the storage's declared size (:func:`check_storage`).
+    """
+
+    _shared_budget: Budget | None = None
+    _members: dict[str, int] | None = None
+
+    def __init__(self, *args: Any, budget: Budget | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._stand_ins: dict[str, type] = {}
+        self._budget = budget or self._shared_budget or Budget(0)
+
+    @property
+    def persistent_load(self) -> Any:
+        return _BASE_PERSISTENT_LOAD.__get__(self)
+
+    @persistent_load.setter
+    def persistent_load(self, load: Any) -> None:
+        def checked(pid: Any) -> Any:
+            check_storage(pid, self._budget, self._members)
+            return load(pid)
+
+        _BASE_PERSISTENT_LOAD.__set__(self, checked)
 
     def find_class(self, module: str, name: str) -> Any:
         # Protocol 0-2 pickles may use Python 2 names (__builtin__, commands, ...): map them as pickle does.
@@ -111,7 +134,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if name in _REAL_GLOBALS.get(module, ()):
-            return getattr(importlib.import_module(module), name)
+            return bounded_global(module, name, getattr(importlib.import_module(module), name), self._budget)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         if (module, name) == ("builtins", "type"):
@@ -126,17 +149,33 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise CheckpointError(f"its pickle references {module}.{name}, which could run code")
 
 
-def _restricted_load_obj(file: Any, **kwargs: Any) -> Any:
-    return _RestrictedUnpickler(file, **kwargs).load()
-
-
-@lru_cache(maxsize=1)
-def _restricted_pickle_module() -> types.ModuleType:
-    """A ``pickle``-like module for ``torch.load(pickle_module=...)`` built on the restricted unpickler."""
+def _restricted_pickle_module(path: Path, members: dict[str, int] | None) -> types.ModuleType:
+    """A ``pickle``-like module for ``torch.load(pickle_module=...)`` of one file, built on the restricted unpickler:
+    all its pickles share one byte budget (the file's size); ``members`` (storage key -> stored bytes of a zip
+    archive, None for a legacy file) is what each declared storage is checked against."""
+    attrs = {"_shared_budget": Budget(path.stat().st_size), "_members": members}
+    unpickler = type("Unpickler", (_RestrictedUnpickler,), attrs)
     module = types.ModuleType("onepeace_restricted_pickle")
-    module.Unpickler = _RestrictedUnpickler
-    module.load = _restricted_load_obj
+    module.Unpickler = unpickler
+    module.load = lambda file, **kwargs: unpickler(file, **kwargs).load()
     return module
+
+
+def _archive_members(path: Path) -> dict[str, int]:
+    """Storage key -> declared (decompressed) size of a ``torch.save`` zip archive's tensor members; any other
+    member bigger than :data:`MAX_PICKLE_BYTES` decompressed is refused (torch would read it whole)."""
+    members = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            parts = info.filename.split("/")
+            if len(parts) == 3 and parts[1] == "data":
+                members[parts[2]] = info.file_size
+            elif info.file_size > MAX_PICKLE_BYTES:
+                raise CheckpointError(
+                    f"archive member {info.filename} expands to {info.file_size:,} bytes (at most "
+                    f"{MAX_PICKLE_BYTES:,} allowed)"
+                )
+    return members
 
 
 def _key(key: Any) -> Any:
@@ -172,6 +211,8 @@ def to_plain(obj: Any, active: set[int] | None = None) -> Any:
         return obj
     if isinstance(obj, type):
         return obj._origin if issubclass(obj, _StandIn) else obj.__name__
+    if isinstance(obj, Bounded):
+        return getattr(obj.real, "__name__", obj.name)
     if id(obj) in active:
         return None  # reference cycle
     active.add(id(obj))
@@ -223,12 +264,13 @@ def _restricted_load(path: Path, is_zip: bool, mapped: bool) -> Any:
             if any(name.endswith("constants.pkl") for name in archive.namelist()):
                 raise CheckpointError(f"refusing to load {path}: it is a TorchScript archive, not a checkpoint")
     try:
+        members = _archive_members(path) if is_zip else None
         return torch.load(
             str(path),
             map_location="cpu",
             weights_only=False,
             mmap=mapped,
-            pickle_module=_restricted_pickle_module(),
+            pickle_module=_restricted_pickle_module(path, members),
         )
     except CheckpointError as exc:
         raise CheckpointError(f"refusing to load {path}: {exc}") from None
@@ -237,17 +279,12 @@ def _restricted_load(path: Path, is_zip: bool, mapped: bool) -> Any:
 
 
 def _torch_load(path: Path, kind: str) -> Any:
-    """``torch.load`` the file safely: weights-only first, then the restricted unpickler."""
+    """``torch.load`` the file with the restricted, size-bounded unpickler (torch's own weights-only unpickler
+    allows ``bytearray(n)`` of any size, so it is not used on a file from outside)."""
     is_zip = kind == "zip"
     if is_zip and not zipfile.is_zipfile(path):
         raise CheckpointError(f"cannot read {path}: the zip archive is truncated (no central directory)")
     mapped = is_zip and _all_stored(path)  # torch maps compressed members as if stored: read those whole
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mapped)
-    except pickle.UnpicklingError:
-        pass  # a global weights_only does not allow, or damaged data: the restricted reader decides
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from exc
     return _restricted_load(path, is_zip, mapped)
 
 

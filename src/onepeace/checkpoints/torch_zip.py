@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from onepeace.checkpoints.mapped import MappedFile, MappedTensor
+from onepeace.checkpoints.pickle_bounds import MAX_PICKLE_BYTES, Budget
 from onepeace.checkpoints.pickle_io import _RestrictedUnpickler
 from onepeace.errors import CheckpointError
 
@@ -59,7 +60,7 @@ class _MappedUnpickler(_RestrictedUnpickler):
     and tensors :class:`MappedTensor` handles; nothing outside the allowlists is resolved."""
 
     def __init__(self, data: bytes, file: MappedFile, entries: dict[str, tuple[int, int]]) -> None:
-        super().__init__(io.BytesIO(data))
+        super().__init__(io.BytesIO(data), budget=Budget(file.size))
         self._file, self._entries = file, entries
 
     def find_class(self, module: str, name: str) -> Any:
@@ -108,6 +109,8 @@ def mapped_load(path: Path) -> Any:
         names = {i.filename for i in infos}
         if prefix + "byteorder" in names and archive.read(prefix + "byteorder").strip() != b"little":
             raise ValueError("its tensors are stored big-endian")
+        if archive.getinfo(pickles[0]).file_size > MAX_PICKLE_BYTES:
+            raise CheckpointError(f"its {pickles[0]} expands to more than {MAX_PICKLE_BYTES:,} bytes")
         data = archive.read(pickles[0])
         file = MappedFile(path)
         stored = [i for i in infos if i.filename.startswith(prefix + "data/")]
