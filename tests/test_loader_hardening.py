@@ -253,3 +253,74 @@ def _read_official(path: Path) -> object:
     from onepeace.checkpoints.pickle_io import read_official_checkpoint
 
     return read_official_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------------------- item 16
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _trainee(seed: int):
+    from onepeace.train.core import Trainee
+
+    torch.manual_seed(seed)
+    module = torch.nn.Linear(3, 2)
+    return Trainee(module, module, torch.optim.SGD(module.parameters(), lr=0.1), None)
+
+
+def _run_with_two_checkpoints(run: Path) -> dict[int, dict[str, torch.Tensor]]:
+    from onepeace.train.checkpoint import save_training_state
+
+    weights = {}
+    for step in (1, 2):
+        trainee = _trainee(step)
+        save_training_state(
+            run, step, trainee.module, trainee.optimizer, None, data_position={"epoch": 0, "batch": step}
+        )
+        weights[step] = {k: v.clone() for k, v in trainee.module.state_dict().items()}
+    return weights
+
+
+def _one_process():
+    from onepeace.train.distributed import DistInfo
+
+    return DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+def test_item16_resume_of_a_missing_run_folder_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Item 16: ``pretrain --resume`` of a folder that does not exist exits 2 naming it (it trained from step 0 and
+    exited 0); an existing folder without a checkpoint still starts fresh."""
+    from onepeace.train.core import resume
+
+    missing = tmp_path / "no_such_run"
+    argv = ["pretrain", "--config", str(ROOT / "configs" / "tiny_stage1.yaml"), "--resume", str(missing)]
+    argv += [f"out_dir={tmp_path / 'out'}", f"data.paths=[{ROOT / 'tests' / 'data' / 'tiny_pairs' / 'image_text.tsv'}]"]
+    line = _cli_error(capsys, *argv, "optim.total_updates=2")
+    assert line == f"onepeace: error: cannot resume from {missing}: no such run folder"
+    assert not (tmp_path / "out" / "step_00000002").exists()
+    (tmp_path / "empty").mkdir()
+    assert resume(tmp_path / "empty", _trainee(0), _one_process()) == (0, None)
+
+
+@pytest.mark.parametrize("damage", ["weights", "trainer"])
+def test_item16_damaged_latest_checkpoint_falls_back_with_a_warning(tmp_path: Path, damage: str) -> None:
+    """Item 16: when the newest complete checkpoint has a damaged file, resume warns naming it and restores the
+    previous complete one exactly (it raised a traceback); when none is readable, one error names each."""
+    from onepeace.train.core import resume
+
+    run = tmp_path / "run"
+    weights = _run_with_two_checkpoints(run)
+    damaged = run / "step_00000002" / ("model.safetensors" if damage == "weights" else "trainer.pt")
+    damaged.write_bytes(damaged.read_bytes()[: len(damaged.read_bytes()) // 2])
+    trainee = _trainee(7)
+    with pytest.warns(UserWarning, match=r"skipping damaged checkpoint .*step_00000002: .*trying the previous one"):
+        step, position = resume(run, trainee, _one_process())
+    assert (step, position) == (1, {"epoch": 0, "batch": 1})
+    assert all(torch.equal(v, weights[1][k]) for k, v in trainee.module.state_dict().items())
+    first = run / "step_00000001" / damaged.name
+    first.write_bytes(b"")
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(CheckpointError, match="no complete checkpoint is readable") as caught,
+    ):
+        resume(run, _trainee(7), _one_process())
+    assert "step_00000002" in str(caught.value) and "step_00000001" in str(caught.value)

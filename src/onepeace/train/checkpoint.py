@@ -310,6 +310,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete step directories of ``run_dir``, newest first: the one ``latest`` names, then the others by
+    descending step (empty when ``run_dir`` is not a directory)."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        return []
+    first = latest_checkpoint(run)
+    rest = [p for _, p in reversed(_step_dirs(run)) if p != first and is_checkpoint(p)]
+    return ([first] if first is not None else []) + rest
+
+
 def load_training_state(
     path: str | Path,
     module: nn.Module,

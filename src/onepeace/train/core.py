@@ -257,14 +257,41 @@ def save(settings: CoreSettings, trainee: Trainee, dist: DistInfo, step: int, po
 def resume(run_dir: str | Path | None, trainee: Trainee, dist: DistInfo) -> tuple[int, Any]:
     """Restore the latest complete checkpoint of ``run_dir`` on every rank; ``(step, data_position)``.
 
-    ``(0, None)`` when ``run_dir`` is None or holds no complete checkpoint (a fresh start). A sharded checkpoint
-    loads under any number of processes; a single-file one into several processes is read whole by every rank.
+    ``(0, None)`` when ``run_dir`` is None or an existing folder without a complete checkpoint (a fresh start); a
+    missing ``run_dir`` is a :class:`~onepeace.errors.CheckpointError`. A checkpoint that cannot be read (a damaged
+    file behind its ``COMPLETE`` marker) is skipped with a warning naming it and the previous complete one is
+    restored, in one process; under several processes (whose loads are collective) it is an error naming it. A
+    sharded checkpoint loads under any number of processes; a single-file one into several is read whole by every rank.
     """
-    from onepeace.train.checkpoint import is_sharded, latest_checkpoint, load_training_state
+    import warnings
 
-    step_dir = latest_checkpoint(run_dir) if run_dir is not None else None
-    if step_dir is None:
+    from onepeace.errors import CheckpointError
+    from onepeace.train.checkpoint import complete_checkpoints
+
+    if run_dir is None:
         return 0, None
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"cannot resume from {run_dir}: no such run folder")
+    skipped: list[str] = []
+    for step_dir in complete_checkpoints(run_dir):
+        try:
+            return _restore(step_dir, trainee, dist)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+            reason = f"{step_dir}: {' '.join(str(exc).split()) or type(exc).__name__}"
+            if dist.world_size > 1:
+                raise CheckpointError(f"cannot resume from damaged checkpoint {reason}") from exc
+            skipped.append(reason)
+            warnings.warn(f"skipping damaged checkpoint {reason}; trying the previous one", stacklevel=2)
+    if skipped:
+        raise CheckpointError(
+            f"cannot resume from {run_dir}: no complete checkpoint is readable ({'; '.join(skipped)})"
+        )
+    return 0, None
+
+
+def _restore(step_dir: Path, trainee: Trainee, dist: DistInfo) -> tuple[int, Any]:
+    from onepeace.train.checkpoint import is_sharded, load_training_state
+
     if is_sharded(step_dir):
         from onepeace.train.sharded import load_sharded
 
