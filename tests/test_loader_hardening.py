@@ -324,3 +324,38 @@ def test_item16_damaged_latest_checkpoint_falls_back_with_a_warning(tmp_path: Pa
     ):
         resume(run, _trainee(7), _one_process())
     assert "step_00000002" in str(caught.value) and "step_00000001" in str(caught.value)
+
+
+def _bounded_fields() -> list[tuple[str, object]]:
+    """``(dotted key, a value below its range)`` for every ranged field of the model config and its sections."""
+    import dataclasses
+    import typing
+
+    from onepeace.config import OnePeaceConfig
+
+    sections = [("", OnePeaceConfig)]
+    sections += [(f"{name}.", type(getattr(OnePeaceConfig(), name))) for name in ("text", "image", "audio")]
+    out: list[tuple[str, object]] = []
+    for prefix, section in sections:
+        hints = typing.get_type_hints(section)
+        for f in dataclasses.fields(section):
+            spec = f.metadata.get("bounds")
+            if spec is None:
+                continue
+            if "items" in spec:
+                out.append((f"{prefix}{f.name}[0][0]", [[0, 1, 1]]))
+            else:
+                out.append((prefix + f.name, spec["low"] - (1 if hints[f.name] is int else 0.5)))
+    return out
+
+
+@pytest.mark.parametrize(("key", "value"), _bounded_fields())
+def test_item18_every_ranged_field_is_named_with_its_file(
+    native_dir: Path, tmp_path: Path, key: str, value: object
+) -> None:
+    """Item 18: the one validator names the dotted key and the file for every ranged field of a model config."""
+    edited = _edited_native(native_dir, tmp_path, key.split("[")[0], value)
+    with pytest.raises(CheckpointError) as caught:
+        onepeace.load(edited)
+    message = str(caught.value)
+    assert f"config.{key} must be " in message and str(edited / "config.json") in message

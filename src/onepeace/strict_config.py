@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import math
 import re
 import types
 import typing
@@ -75,7 +76,7 @@ def _check_bounded(key: str, value: Any, spec: Mapping[str, Any]) -> None:
 
 
 def _check_number(key: str, value: Any, low: float | None, high: float | None) -> None:
-    if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+    if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{key} must be a finite number, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{key} must be {_span(low, high)}, got {value!r}")
