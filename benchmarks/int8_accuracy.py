@@ -1,8 +1,9 @@
 """Cosine between int8 and float32 embeddings of real images, sounds and sentences, per model and modality.
 
-Each model is loaded twice, ``onepeace.load(name)`` and ``onepeace.load(name, dtype="int8")``; both embed the same
-files and sentences with ``OnePeace.embed`` (the official preprocessing, batches of ``--batch-size``), and the script
-prints the lowest, median and mean cosine over the items of each modality.
+Each model is loaded once in float32 and converted with ``onepeace.quantize.quantize_int8`` (what
+``onepeace.load(name, dtype="int8")`` does; converting the same instance keeps a randomly initialised variant's
+weights); both embed the same files and sentences with ``OnePeace.embed`` (the official preprocessing, batches of
+``--batch-size``), and the script prints the lowest, median and mean cosine over the items of each modality.
 
 Example (Tux Paint stamps give photos-like drawings and sound effects; any folders of images and audio work)::
 
@@ -54,7 +55,10 @@ def pick(roots: Sequence[Path], suffixes: set[str], count: int, seed: int) -> li
 
 def cosines(name: str, inputs: dict[str, list[str]], batch_size: int) -> dict[str, list[float]]:
     """Per modality, the cosine of each item's int8 embedding to its float32 embedding."""
-    fp32, int8 = onepeace.load(name), onepeace.load(name, dtype="int8")
+    from onepeace.quantize import quantize_int8
+
+    fp32 = onepeace.load(name)
+    int8 = quantize_int8(fp32)
     out = {}
     for modality, items in inputs.items():
         a = getattr(fp32.embed(**{modality: items}, batch_size=batch_size), modality)
