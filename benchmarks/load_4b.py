@@ -157,11 +157,12 @@ def child(args: argparse.Namespace) -> dict:
             out["file_bytes"] = (target / "model.safetensors").stat().st_size
         else:
             model = onepeace.load(args.path, dtype=args.dtype)
-            out["weight_bytes"] = weight_bytes(model.model.state_dict())
     except ValueError as exc:
         return {**out, "error": str(exc)}
     out["seconds"] = time.perf_counter() - start
     out["peak_kb"] = _status_kb("VmHWM")
+    if args.child != "convert":  # after the peak: an int8 model's state_dict() unpacks a copy of its weights
+        out["weight_bytes"] = weight_bytes(model.model.state_dict())
     if args.child == "load":
         print(json.dumps(out), flush=True)  # the load's numbers survive a process killed while embedding
         inputs = _inputs()

@@ -11,6 +11,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import official
 import pytest
 import torch
@@ -164,3 +165,36 @@ def test_shape_beyond_the_stored_bytes_is_refused(tmp_path: Path) -> None:
     forged = MappedTensor(handle.file, handle.start, handle.nbytes, handle.dtype, (10**12,), (1,))
     with pytest.raises(CheckpointError, match="does not fit its stored data"):
         forged.load(torch.bfloat16)
+
+
+def test_int8_load_converts_each_layer_as_it_arrives(
+    official_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``load(dtype="int8")`` quantises each fusion layer as soon as its weights are read (so the float model is never
+    whole in memory) and gives exactly what quantising the loaded float model gives."""
+    import onepeace.quantize as quantize
+    from onepeace.quantize import int8_linears, quantize_int8
+
+    seen: list[tuple[str, int]] = []
+    real = quantize.quantize_linears
+
+    def spy(module: torch.nn.Module) -> None:
+        floats = sum(1 for t in int8_linears(module).values() if t is torch.nn.Linear)
+        seen.append((type(module).__name__, floats))
+        real(module)
+
+    monkeypatch.setattr(quantize, "quantize_linears", spy)
+    streamed = onepeace.load(official_checkpoint, dtype="int8")
+    monkeypatch.setattr(quantize, "quantize_linears", real)
+    assert [name for name, _ in seen[:2]] == ["FusionBlock", "FusionBlock"]  # the tiny model's two layers
+    assert seen[0][1] == seen[1][1] > 0 and seen[2][0] == "OnePeaceModel"
+    after = quantize_int8(onepeace.load(official_checkpoint))
+    inputs = {
+        "text": ["a dog on the grass"],
+        "image": [np.zeros((40, 48, 3), np.uint8)],
+        "audio": [np.ones(16000, np.float32)],
+    }
+    for modality, items in inputs.items():
+        a = getattr(streamed.embed(**{modality: items}), modality)
+        b = getattr(after.embed(**{modality: items}), modality)
+        assert torch.equal(a, b), modality

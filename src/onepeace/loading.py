@@ -88,7 +88,7 @@ def load(
     """
     from onepeace.checkpoints.state import build_model, change_image_size
     from onepeace.pretrained import SHIPPED, shipped_weights
-    from onepeace.quantize import check_int8_device, is_int8_dtype, quantize_int8
+    from onepeace.quantize import check_int8_device, is_int8_dtype, quantize_int8, quantize_linears
 
     int8 = is_int8_dtype(dtype)
     if int8:
@@ -113,7 +113,8 @@ def load(
     else:
         cfg, tensors, kind = open_weights(path_or_variant)
         cfg, tensors = change_image_size(_with_batch_invariance(cfg, batch_invariant), tensors, image_size)
-        model = build_model(cfg, tensors, f"{kind} checkpoint {path_or_variant}", dtype)
+        convert = quantize_linears if int8 else None  # int8: each layer is converted as soon as it is read
+        model = build_model(cfg, tensors, f"{kind} checkpoint {path_or_variant}", dtype, convert=convert)
     if device is not None:
         model = model.to(device)
     return quantize_int8(OnePeace(model), inplace=True) if int8 else OnePeace(model).eval()

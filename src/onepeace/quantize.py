@@ -23,6 +23,7 @@ inference only: it lives on the CPU, stays in eval mode, and none of its tensors
 from __future__ import annotations
 
 import copy
+import gc
 import re
 import warnings
 from typing import Any
@@ -153,6 +154,7 @@ def quantize_linears(module: nn.Module) -> None:
             raise ValueError(f"torch {torch.__version__} has no torch.ao.quantization.quantize_dynamic (int8 needs it)")
         config = ao.per_channel_dynamic_qconfig
         ao.quantize_dynamic(module, {name: config for name in targets}, dtype=torch.qint8, inplace=True)
+    gc.collect()  # the replaced float layers sit in reference cycles: free their weights before the next layer
 
 
 def int8_linears(model: nn.Module) -> dict[str, type[nn.Module]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -88,18 +88,49 @@ def _checked(cfg: OnePeaceConfig, state_dict: Mapping[str, Weight], source: str)
 
 
 def build_model(
-    cfg: OnePeaceConfig, state_dict: Mapping[str, Weight], source: str, dtype: torch.dtype | None = None
+    cfg: OnePeaceConfig,
+    state_dict: Mapping[str, Weight],
+    source: str,
+    dtype: torch.dtype | None = None,
+    convert: Callable[[nn.Module], None] | None = None,
 ) -> OnePeaceModel:
     """Build a model on the meta device and adopt ``state_dict``'s tensors (floating ones cast to ``dtype``).
 
     A mapped handle is copied into a new tensor of the target dtype and its file pages are dropped before the next
     one is read, so memory peaks at the built model plus one source tensor; a loaded tensor already in the target
-    dtype is adopted without a copy.
+    dtype is adopted without a copy. With ``convert`` (e.g. int8 quantisation, in place), the weights arrive one
+    fusion layer at a time and ``convert`` runs on each layer as soon as it holds them, then on the whole model
+    once the rest is in: memory peaks at the converted model plus one layer in ``dtype``.
     """
     model, tensors = _checked(cfg, state_dict, source)
-    loaded = {key: materialize(tensors.pop(key), dtype) for key in list(tensors)}
-    model.load_state_dict(loaded, strict=True, assign=True)
+    if convert is None:
+        loaded = {key: materialize(tensors.pop(key), dtype) for key in list(tensors)}
+        model.load_state_dict(loaded, strict=True, assign=True)
+        return model.eval()
+    for i, layer in enumerate(model.encoder.layers):
+        prefix = f"encoder.layers.{i}."
+        part = {
+            k.removeprefix(prefix): materialize(tensors.pop(k), dtype) for k in list(tensors) if k.startswith(prefix)
+        }
+        layer.load_state_dict(part, strict=True, assign=True)
+        del part
+        convert(layer)
+    for key in list(tensors):  # the rest, set one by one: load_state_dict would also visit the converted layers
+        _assign(model, key, materialize(tensors.pop(key), dtype))
+    convert(model)
     return model.eval()
+
+
+def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    """Put ``value`` in place of the parameter or buffer ``key`` of ``model`` (as ``load_state_dict(assign=True)``)."""
+    path, _, name = key.rpartition(".")
+    module = model.get_submodule(path)
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=module._parameters[name].requires_grad)
+    elif name in module._buffers:
+        module._buffers[name] = value
+    else:
+        raise KeyError(f"{key} is neither a parameter nor a buffer of the model")
 
 
 def per_layer_tables(state_dict: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
