@@ -23,6 +23,7 @@ import atexit
 import contextlib
 import copy
 import datetime
+import functools
 import json
 import math
 import platform
@@ -214,18 +215,13 @@ def onnx_engine(model: onepeace.OnePeace, args: argparse.Namespace, int8: bool =
     return run
 
 
-def onnx_int8_engine(model: onepeace.OnePeace, args: argparse.Namespace) -> Engine | None:
-    """onnxruntime on the dynamically quantised copies of the exported graphs (``onepeace.onnx.quantize_export``)."""
-    return onnx_engine(model, args, int8=True)
-
-
 def build_engines(model: onepeace.OnePeace, args: argparse.Namespace) -> dict[str, Engine]:
     """One engine per requested path, in the order given; a path whose dependency is missing is left out."""
     builders = {
         "compiled": compiled_engine,
         "int8": int8_engine,
         "onnxruntime": onnx_engine,
-        "onnxruntime-int8": onnx_int8_engine,
+        "onnxruntime-int8": functools.partial(onnx_engine, int8=True),
     }
     engines: dict[str, Engine] = {}
     for name in args.precisions:

@@ -13,7 +13,7 @@ embeddings, every LayerNorm (including the Sub-LN norms inside attention and the
 and the image stem and audio convolutions (dynamic quantisation covers Linear layers only).
 
 Because an activation's scale comes from the whole batch tensor, an item's int8 embedding depends slightly on the
-other items of its batch (float32 does not): on the shipped model, cosine >= 0.9996 between an item alone and in a
+other items of its batch (float32 does not): on the shipped model, cosine >= 0.9998 between an item alone and in a
 mixed batch of 8.
 
 The model code (:mod:`onepeace.model`) is not changed; the conversion swaps modules from outside. The result is for
