@@ -289,6 +289,9 @@ def test_item19_project_warnings_are_one_line(
     assert err == [
         "onepeace: warning: this installation has no pretrained weights for onepeace-small; it is randomly initialised"
     ]
-    assert cli._warning_line(UserWarning("zero-element"), torch.nn.init.__file__) is None
-    assert cli._warning_line(UserWarning("palette"), Image.__file__) is None
-    assert cli._warning_line(UserWarning("a\n  b"), cli.__file__) == "onepeace: warning: a b"
+    from onepeace.errors import OnePeaceWarning
+
+    cli._show_warning(UserWarning("zero-element"), UserWarning, torch.nn.init.__file__, 1)
+    cli._show_warning(DeprecationWarning("palette"), DeprecationWarning, Image.__file__, 1)
+    cli._show_warning(OnePeaceWarning("a\n  b"), OnePeaceWarning, cli.__file__, 1)
+    assert capsys.readouterr().err == "onepeace: warning: a b\n"

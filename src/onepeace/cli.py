@@ -4,20 +4,18 @@ serve | download | export``.
 Parsing and ``--help`` import nothing heavy; torch and the model are imported by the command that needs them.
 Errors end the run with one line ``onepeace: error: <message>`` on stderr and exit code 2 (``--debug`` shows
 the traceback); ``embed`` exits with 1 when nothing could be embedded; an interrupt exits with 130.
-Warnings raised by the project's own code are printed as one line ``onepeace: warning: <message>``; warnings of
-libraries (torch, PIL, numpy, ...) are not printed, so they add no lines to the output (``--debug`` shows them all).
+Warnings of this package (:class:`onepeace.errors.OnePeaceWarning`) are printed as one line
+``onepeace: warning: <message>``; those of libraries (torch, PIL, numpy, ...) are not printed, so they add no lines to
+the output (``--debug`` shows them all).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import linecache
-import os
 import sys
 import traceback
 import warnings
-from types import FrameType
 
 from onepeace import (
     cli_checkpoint,
@@ -31,7 +29,7 @@ from onepeace import (
     cli_index,
     cli_serve,
 )
-from onepeace.errors import OnePeaceError
+from onepeace.errors import OnePeaceError, OnePeaceWarning
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -138,32 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def _in_package(filename: str) -> bool:
-    return os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep)
-
-
-def _warning_line(message: Warning | str, filename: str, issuer: FrameType | None = None) -> str | None:
-    """The line printed for a warning attributed to ``filename`` and raised in frame ``issuer``: one line when the
-    project's own code called ``warnings.warn``, else None (a library's warning, or one torch raises from C++)."""
-    if not _in_package(filename):
-        return None
-    if issuer is not None:
-        source = linecache.getline(issuer.f_code.co_filename, issuer.f_lineno)
-        if not _in_package(issuer.f_code.co_filename) or "warn(" not in source:
-            return None
-    return f"onepeace: warning: {' '.join(str(message).split())}"
-
-
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, *_: object) -> None:
-    issuer = sys._getframe(1)
-    while issuer is not None and issuer.f_code.co_filename == warnings.__file__:
-        issuer = issuer.f_back  # skip the warnings module's own frames
-    line = _warning_line(message, filename, issuer)
-    if line is not None:
-        print(line, file=sys.stderr)
+def _show_warning(message: Warning | str, category: type[Warning], *_: object) -> None:
+    """Print the package's own warnings (:class:`OnePeaceWarning`) as one line; hide those of libraries."""
+    if issubclass(category, OnePeaceWarning):
+        print(f"onepeace: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def _message(exc: BaseException) -> str:

@@ -19,6 +19,10 @@ class MissingDependencyError(OnePeaceError, ImportError):
     """An optional dependency is needed for this call; the message names the pip extra to install."""
 
 
+class OnePeaceWarning(UserWarning):
+    """A warning of this package (the command line prints these, one line each, and hides other libraries')."""
+
+
 def require(module: str, extra: str):
     """Import ``module`` or raise :class:`MissingDependencyError` naming ``pip install 'onepeace[extra]'``."""
     import importlib

@@ -10,7 +10,7 @@ import torch
 
 from onepeace.api import OnePeace
 from onepeace.config import OnePeaceConfig
-from onepeace.errors import CheckpointError
+from onepeace.errors import CheckpointError, OnePeaceWarning
 from onepeace.model import OnePeaceModel
 from onepeace.variants import VARIANTS, list_variants
 
@@ -99,6 +99,7 @@ def load(
     if wants_shipped and shipped is None:
         warnings.warn(
             f"this installation has no pretrained weights for {path_or_variant}; it is randomly initialised",
+            OnePeaceWarning,
             stacklevel=2,
         )
     if shipped is not None:

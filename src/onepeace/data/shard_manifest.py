@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from onepeace.errors import InputError
+from onepeace.errors import InputError, OnePeaceWarning
 
 MANIFEST = "onepeace-shards.json"
 FORMAT = "onepeace-shard-manifest/1"
@@ -143,6 +143,7 @@ def _directory_counts(directory: str, names: Sequence[str], rank: int) -> dict[s
         warnings.warn(
             f"{directory}: no up-to-date {MANIFEST} and the directory is not writable; every rank reads the tar "
             f"headers of {len(stale)} shard(s). Write one with: onepeace data index-shards {directory}",
+            OnePeaceWarning,
             stacklevel=3,
         )
         entries = {**entries, **_counted(directory, stale)}
@@ -150,7 +151,9 @@ def _directory_counts(directory: str, names: Sequence[str], rank: int) -> dict[s
     if _is_writer(rank):
         changed = [n for n in stale if n in entries]
         if changed:
-            warnings.warn(f"{directory}/{MANIFEST} does not match shard(s) {changed[:3]}; rebuilt", stacklevel=3)
+            warnings.warn(
+                f"{directory}/{MANIFEST} does not match shard(s) {changed[:3]}; rebuilt", OnePeaceWarning, stacklevel=3
+            )
         entries = {**read_manifest(directory), **_counted(directory, stale)}
         write_manifest(directory, entries)
         return {n: entries[n]["samples"] for n in names}

@@ -265,7 +265,7 @@ def resume(run_dir: str | Path | None, trainee: Trainee, dist: DistInfo) -> tupl
     """
     import warnings
 
-    from onepeace.errors import CheckpointError
+    from onepeace.errors import CheckpointError, OnePeaceWarning
     from onepeace.train.checkpoint import complete_checkpoints
 
     if run_dir is None:
@@ -281,7 +281,9 @@ def resume(run_dir: str | Path | None, trainee: Trainee, dist: DistInfo) -> tupl
             if dist.world_size > 1:
                 raise CheckpointError(f"cannot resume from damaged checkpoint {reason}") from exc
             skipped.append(reason)
-            warnings.warn(f"skipping damaged checkpoint {reason}; trying the previous one", stacklevel=2)
+            warnings.warn(
+                f"skipping damaged checkpoint {reason}; trying the previous one", OnePeaceWarning, stacklevel=2
+            )
     if skipped:
         raise CheckpointError(
             f"cannot resume from {run_dir}: no complete checkpoint is readable ({'; '.join(skipped)})"

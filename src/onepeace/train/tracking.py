@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from onepeace.errors import OnePeaceWarning
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -43,6 +45,7 @@ def open_tensorboard(log_dir: str | Path) -> Any | None:
         warnings.warn(
             "tensorboard logging is on but the tensorboard package is not installed; "
             "install it with: pip install 'onepeace[train]' (metrics are still written to metrics.jsonl)",
+            OnePeaceWarning,
             stacklevel=2,
         )
         return None
