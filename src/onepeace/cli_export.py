@@ -31,8 +31,12 @@ def _export_onnx(args: argparse.Namespace) -> int:
         raise NotADirectoryError(f"OUT_DIR {out} exists and is not a directory")
     if args.image_size is not None and (args.image_size <= 0 or args.image_size % 16):
         raise ValueError(f"--image-size must be a positive multiple of 16, got {args.image_size}")
+    import logging
+
     from onepeace.onnx.export import export_onnx
 
+    if not args.debug:  # the exporter logs notes about optional packages (torchvision ops) it does not need here
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     manifest = export_onnx(args.model, out, opset=args.opset, image_size=args.image_size, check=not args.no_check)
     written = [graph["file"] for graph in manifest.graphs.values()]
     if args.int8:
