@@ -295,3 +295,21 @@ def test_convert_reports_files(official_pt: Path, tmp_path: Path, capsys: pytest
     printed = capsys.readouterr().out
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     assert "model.safetensors" in printed and "config.json" in printed and TINY_TOTAL in printed
+
+
+@pytest.mark.parametrize("argv", [["demo"], ["data", "build-demo", "corpus", "--heldout-only"]])
+def test_a_named_fsdd_path_must_exist(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A path the user names is not a source to skip: a typo stops the run at once, before any work."""
+    missing = str(tmp_path / "nope" / "recordings.tar.gz")
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--fsdd", missing]) == 2
+    assert f"{missing} does not exist" in capsys.readouterr().err
+    monkeypatch.setenv("ONEPEACE_FSDD", missing)
+    assert main(["data", "build-demo", "corpus", "--heldout-only", "--sources", "fsdd"]) == 2
+    assert (
+        _one_error_line(capsys.readouterr().err)
+        == f"onepeace: error: ONEPEACE_FSDD names {missing}, which does not exist"
+    )
+    assert not (tmp_path / "corpus").exists()

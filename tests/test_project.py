@@ -46,6 +46,17 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "# 2\\." in ci and "bash -euo pipefail -c" in ci
 
 
+def test_quick_start_installs_what_the_readme_runs_next() -> None:
+    """The main job's install leaves a new user able to run the index and the server the README shows next."""
+    readme = (ROOT / "README.md").read_text()
+    first = dict(re.findall(r"```bash\n# (\d)\. [^\n]*\n(?:#[^\n]*\n)*(.+?)\n```", readme, flags=re.S))["1"]
+    extras = set(re.search(r'pip install -e "\.\[([^\]]*)\]"', first).group(1).split(","))
+    needs = {"onepeace demo": "demo", "onepeace index build": "search", "onepeace serve": "serve"}
+    for command, extra in needs.items():
+        assert command in readme, command
+        assert extra in extras, f"quick start 1 does not install [{extra}], which {command} needs"
+
+
 @pytest.mark.skipif(
     os.environ.get(CPU_INSTALL_ENV) != "1", reason=f"{CPU_INSTALL_ENV}=1 is set only by the README's CPU install"
 )

@@ -17,6 +17,14 @@ def _sources(text: str) -> tuple[str, ...]:
     return names
 
 
+def existing_path(value: str) -> Path:
+    """An argparse type for a file or folder the user names: it must exist (a typo is not a skipped source)."""
+    path = Path(value)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{value} does not exist")
+    return path
+
+
 def build_demo(args: argparse.Namespace) -> int:
     """Build the demo corpus and print what each source gave."""
     from onepeace.corpus.build import BuildOptions, build_demo_corpus
@@ -61,7 +69,9 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         "message. See docs/demo_corpus.md.",
     )
     p.add_argument("out", type=Path, metavar="OUT", help="corpus folder (created or brought up to date)")
-    p.add_argument("--fsdd", type=Path, help="FSDD recordings.tar.gz or its recordings folder (or $ONEPEACE_FSDD)")
+    p.add_argument(
+        "--fsdd", type=existing_path, help="FSDD recordings.tar.gz or its recordings folder (or $ONEPEACE_FSDD)"
+    )
     p.add_argument("--npm-dir", type=Path, help="folder whose node_modules holds the emoji packages")
     p.add_argument("--limit", type=int, help="at most this many items per source and split")
     p.add_argument("--heldout-only", action="store_true", help="write only the held-out split")

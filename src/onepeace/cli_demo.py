@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from onepeace.cli_data import existing_path
+
 
 def _demo(args: argparse.Namespace) -> int:
     from onepeace.demo.run import DemoOptions, run_demo
@@ -29,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--model", default="onepeace-small", help="variant name or model folder (default onepeace-small)")
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="report folder (default out/demo)")
     p.add_argument("--corpus", type=Path, help="corpus folder (default: a cache folder)")
-    p.add_argument("--fsdd", type=Path, help="FSDD recordings.tar.gz or folder (or $ONEPEACE_FSDD)")
+    p.add_argument("--fsdd", type=existing_path, help="FSDD recordings.tar.gz or folder (or $ONEPEACE_FSDD)")
     p.add_argument("--limit", type=int, help="at most this many held-out items per source")
     p.add_argument("--top-k", type=int, default=5, help="hits shown per query (default 5)")
     p.set_defaults(handler=_demo)

@@ -124,9 +124,9 @@ def add_task_parsers(tasks: Any, parents: list[argparse.ArgumentParser]) -> None
         p = tasks.add_parser(
             name,
             parents=parents,
-            help=f"{spec.kind.value}: {spec.metric} on a {name} TSV",
-            description=f"Evaluate on a {name} TSV (columns: {', '.join(spec.columns)}). --model: a folder written "
-            "by onepeace finetune, an official fine-tuned .pt, or (zero-shot and retrieval) any model.",
+            help=f"{spec.kind.value}: {spec.metric} on {name} data (TSV)",
+            description=f"Evaluate on {name} data, a TSV file (columns: {', '.join(spec.columns)}). --model: a "
+            "folder written by onepeace finetune, an official fine-tuned .pt, or (zero-shot and retrieval) any model.",
         )
         _common(p, f"{name} TSV file ({', '.join(spec.columns)})", 16)
         p.add_argument("--config", metavar="RECIPE.yaml", help="recipe whose data settings to use (optional)")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from onepeace.corpus.items import SourceItem, ZeroShotTask, cache_dir
 from onepeace.corpus.sources.emoji import DIGITS
+from onepeace.errors import InputError
 
 DIGIT_PROMPT = "the number {}"
 SPOKEN_DIGIT_TEXT = "a voice saying the number {}"
@@ -42,6 +43,9 @@ class FsddSource:
 
     def __init__(self, path: Path | None = None) -> None:
         given = path or (Path(os.environ["ONEPEACE_FSDD"]) if os.environ.get("ONEPEACE_FSDD") else None)
+        if given is not None and not Path(given).exists():
+            source = "--fsdd" if path else "ONEPEACE_FSDD"
+            raise InputError(f"{source} names {given}, which does not exist")
         self.path = Path(given) if given else None
         self.folder: Path | None = None
 
