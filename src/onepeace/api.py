@@ -12,12 +12,10 @@ from torch import nn
 from onepeace.config import OnePeaceConfig
 from onepeace.data import as_list as _as_list
 from onepeace.data import batched
+from onepeace.data.long_audio import check_long_audio
 from onepeace.errors import InputError
 from onepeace.modality import Modality
 from onepeace.model import Embeddings, Features, OnePeaceModel
-
-LONG_AUDIO = ("first", "windows")
-"""How :meth:`OnePeace.embed` treats clips longer than the model's ``max_duration``."""
 
 
 class OnePeace(nn.Module):
@@ -30,7 +28,7 @@ class OnePeace(nn.Module):
     def __init__(self, model: OnePeaceModel, long_audio: str = "first") -> None:
         super().__init__()
         self.model = model
-        self.long_audio = _check_long_audio(long_audio)
+        self.long_audio = check_long_audio(long_audio)
         """Default of :meth:`embed`'s ``long_audio`` (``"first"`` or ``"windows"``)."""
 
     @property
@@ -140,7 +138,7 @@ class OnePeace(nn.Module):
         normalised window embeddings, re-normalised. Clips no longer than one window give the same embedding either
         way.
         """
-        long_audio = self.long_audio if long_audio is None else _check_long_audio(long_audio)
+        long_audio = self.long_audio if long_audio is None else check_long_audio(long_audio)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         out: dict[str, torch.Tensor] = {}
@@ -183,16 +181,11 @@ class OnePeace(nn.Module):
     # ----------------------------------------------------------------------------------------- helpers
     def _pooled_windows(self, clips: list[Any], sample_rate: int | None, batch_size: int) -> torch.Tensor:
         """``[len(clips), D]``: each clip's windows embedded ``batch_size`` at a time, mean-pooled, re-normalised."""
-        from onepeace.data.audio import audio_windows, collate_audio, load_audio
+        from onepeace.data.audio import collate_audio
+        from onepeace.data.long_audio import clip_windows
 
-        cfg = self.cfg.audio
-        windows, owner = [], []
-        for i, clip in enumerate(clips):
-            wave = load_audio(clip, sample_rate=sample_rate, target_rate=cfg.sample_rate, name=f"audio {i}")
-            parts = audio_windows(wave, cfg, name=f"audio {i}")
-            windows.extend(parts)
-            owner.extend([i] * len(parts))
-        emb = _batched(windows, batch_size, lambda b: self.encode_audio(*collate_audio(b, cfg))).float()
+        windows, owner = clip_windows(clips, self.cfg.audio, sample_rate)
+        emb = _batched(windows, batch_size, lambda b: self.encode_audio(*collate_audio(b, self.cfg.audio))).float()
         pooled = torch.zeros(len(clips), emb.shape[1], device=emb.device).index_add_(
             0, torch.tensor(owner, device=emb.device), emb
         )
@@ -211,12 +204,6 @@ class OnePeace(nn.Module):
                 raise TypeError("audio must be a (waveform [B, N], padding_mask [B, T + 1]) pair")
             audio = (self._to_device(audio[0]), self._to_device(audio[1]))
         return text, image, audio
-
-
-def _check_long_audio(value: str) -> str:
-    if value not in LONG_AUDIO:
-        raise ValueError(f"long_audio must be one of {', '.join(LONG_AUDIO)}, got {value!r}")
-    return value
 
 
 def _batched(items: list[Any], size: int, encode: Callable[[list[Any]], torch.Tensor]) -> torch.Tensor:

@@ -17,6 +17,7 @@ import numpy as np
 
 from onepeace.data import as_list as _as_list
 from onepeace.data import batched
+from onepeace.data.long_audio import check_long_audio
 from onepeace.errors import InputError, require
 from onepeace.modality import Modality
 from onepeace.onnx.manifest import INPUTS, Manifest, read_manifest
@@ -140,8 +141,7 @@ class OnnxModel:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
-        if long_audio not in ("first", "windows"):
-            raise InputError(f"long_audio must be 'first' or 'windows', got {long_audio!r}")
+        check_long_audio(long_audio)
         out: dict[str, np.ndarray] = {}
         if text is not None:
             texts = _as_list(text)
@@ -167,15 +167,11 @@ class OnnxModel:
 
     def _pooled_windows(self, clips: list[Any], sample_rate: float | None, batch_size: int) -> np.ndarray:
         """``[len(clips), D]``: each clip's windows embedded ``batch_size`` at a time, mean-pooled, re-normalised."""
-        from onepeace.data.audio import audio_windows, collate_arrays, load_audio
+        from onepeace.data.audio import collate_arrays
+        from onepeace.data.long_audio import clip_windows
 
         cfg = self.config.audio
-        windows, owner = [], []
-        for i, clip in enumerate(clips):
-            wave = load_audio(clip, sample_rate=sample_rate, target_rate=cfg.sample_rate, name=f"audio {i}")
-            parts = audio_windows(wave, cfg, name=f"audio {i}", torch_free=True)
-            windows.extend(parts)
-            owner.extend([i] * len(parts))
+        windows, owner = clip_windows(clips, cfg, sample_rate, torch_free=True)
         emb = _batched(windows, batch_size, lambda b: self._encode_waves(collate_arrays(b, cfg)))
         pooled = np.zeros((len(clips), emb.shape[1]), dtype=np.float32)
         np.add.at(pooled, np.asarray(owner), emb)
